@@ -1,0 +1,5 @@
+import sys
+
+from slidefm.cli import main
+
+sys.exit(main())
