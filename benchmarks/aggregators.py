@@ -1,0 +1,410 @@
+"""Aggregator benchmarks: CPU MFU, packed vs padded, whole-slide memory, MOOZY anchor, GPU.
+
+    python benchmarks/aggregators.py                       # all CPU sections, spec sizes
+    python benchmarks/aggregators.py --sections mfu,packed --mfu-tokens 2048
+    python benchmarks/aggregators.py --sections moozy --moozy-python /tmp/moozy-venv/bin/python
+
+Prints one JSON document and writes it to benchmarks/results/aggregators.json (--out).
+Whole-slide and MOOZY cases each run in a fresh subprocess so ru_maxrss is that case's peak.
+MOOZY is never a dependency: it is driven in a subprocess with the interpreter of a separate venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- helpers
+def maxrss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def gemm_flops(n: int = 4096, repeats: int = 3, device="cpu", dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def mm():
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / timed(mm, repeats)
+
+
+def vit_flops(lens, in_dim, dim, depth, mlp_ratio=4.0, prefix=1, train=True) -> float:
+    """Matmul FLOPs of the ViT on slides of ``lens`` patches (fwd; x3 for fwd+bwd)."""
+    seq = [n + prefix for n in lens]
+    T, sq = sum(seq), sum(n * n for n in seq)
+    linear = 2 * T * dim * (3 * dim + dim + 2 * mlp_ratio * dim) * depth
+    attn = 4 * sq * dim * depth  # QK^T and AV
+    proj = 2 * sum(lens) * in_dim * dim
+    return (linear + attn + proj) * (3 if train else 1)
+
+
+def grid_positions(n: int, seed: int = 0) -> torch.Tensor:
+    """n distinct cells of a roughly square grid (tissue-like blob: the first n in a random order)."""
+    side = math.ceil(math.sqrt(n))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(side * side, generator=g)[:n]
+    return torch.stack([idx % side, idx // side], 1)
+
+
+def make_batch(lens, in_dim, seed=0):
+    from slidefm.data.batch import pack_slides
+
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(n, in_dim, generator=g) for n in lens]
+    return pack_slides(feats, [grid_positions(n, seed + i) for i, n in enumerate(lens)])
+
+
+def build_vit(in_dim, dim, depth, heads, pos="rope", **kw):
+    from slidefm.models.aggregators.vit import ViTAggregator
+
+    torch.manual_seed(0)
+    return ViTAggregator(in_dim, dim=dim, depth=depth, heads=heads, pos=pos, **kw)
+
+
+# ---------------------------------------------------------------- (a) CPU MFU
+def section_mfu(args) -> dict:
+    in_dim, dim, depth, heads = 1024, 384, 6, 6
+    model = build_vit(in_dim, dim, depth, heads, "rope").train()
+    x = make_batch([args.mfu_tokens], in_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        (out.slide.square().mean() + out.tokens.square().mean()).backward()
+
+    peak = gemm_flops(4096)
+    t = timed(step, args.mfu_steps)
+    peak_after = gemm_flops(4096)  # other processes share the cores: bracket the run
+    flops = vit_flops([args.mfu_tokens], in_dim, dim, depth)
+    gemm = max(peak, peak_after)
+    return {
+        "config": {"tokens": args.mfu_tokens, "dim": dim, "depth": depth, "heads": heads, "pos": "rope",
+                   "dtype": "float32", "threads": torch.get_num_threads()},
+        "step_s": t, "model_flops_per_step": flops, "model_flop_s": flops / t,
+        "gemm_flop_s": gemm, "gemm_flop_s_before_after": [peak, peak_after],
+        "mfu_vs_gemm": flops / t / gemm, "target": 0.5,
+    }
+
+
+# ---------------------------------------------------------------- (b) packed vs padded
+def padded_forward(model, x):
+    """The naive way: pad every slide to the longest in the batch, mask padded keys, run everything."""
+    import torch.nn.functional as F
+
+    from slidefm.models.attention import apply_rope, rope_angles
+
+    lens = x.lengths.tolist()
+    B, L, P, D = len(lens), max(lens), model.num_prefix, model.dim
+    h = model.proj(x.tokens)
+    seq = h.new_zeros(B, P + L, D)
+    pos = torch.full((B, P + L, 2), float("nan"))
+    valid = torch.zeros(B, P + L, dtype=torch.bool)
+    prefix = torch.cat([model.cls_token, model.registers])
+    for b, (a, e) in enumerate(zip(x.offsets[:-1].tolist(), x.offsets[1:].tolist())):
+        seq = seq.index_put((torch.tensor([b]), torch.arange(P)), prefix)
+        seq = seq.index_put((torch.tensor([b]), torch.arange(P, P + e - a)), h[a:e])
+        pos[b, P : P + e - a] = x.positions[a:e].float()
+        valid[b, : P + e - a] = True
+    key_mask = valid[:, None, None, :]
+    for blk in model.blocks:
+        att = blk.attn
+        y = blk.norm1(seq)
+        q, k, v = att.qkv(y).view(B, P + L, 3, att.heads, att.head_dim).unbind(2)
+        cos, sin = rope_angles(pos.reshape(-1, 2), att.head_dim, att.rope_base)
+        q = apply_rope(q.reshape(B * (P + L), att.heads, -1), cos, sin).view(B, P + L, att.heads, -1)
+        k = apply_rope(k.reshape(B * (P + L), att.heads, -1), cos, sin).view(B, P + L, att.heads, -1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+        seq = seq + blk.ls1(att.proj(o.transpose(1, 2).reshape(B, P + L, D)))
+        seq = seq + blk.ls2(blk.mlp(blk.norm2(seq)))
+    seq = model.norm(seq)
+    return seq[:, 0], seq[:, P:][valid[:, P:]]
+
+
+def section_packed(args) -> dict:
+    import numpy as np
+
+    in_dim, dim, depth, heads = 256, args.packed_dim, args.packed_depth, args.packed_heads
+    model = build_vit(in_dim, dim, depth, heads, "rope").train()
+    rng = np.random.default_rng(0)
+    batches = [np.clip(rng.lognormal(math.log(2000), args.packed_sigma, args.packed_batch_size), 64, 20000).astype(int).tolist()
+               for _ in range(args.packed_batches)]
+    rows, t_packed, t_padded = [], 0.0, 0.0
+    warm = make_batch([256, 128], in_dim)
+    for b, lens in enumerate(batches):
+        x = make_batch(lens, in_dim, seed=b)
+
+        def packed():
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            (out.slide.square().mean() + out.tokens.square().mean()).backward()
+
+        def padded():
+            model.zero_grad(set_to_none=True)
+            slide, tokens = padded_forward(model, x)
+            (slide.square().mean() + tokens.square().mean()).backward()
+
+        if b == 0:  # warm both paths on a tiny batch
+            model(warm).slide.sum().backward()
+            padded_forward(model, warm)[0].sum().backward()
+        tp = timed(packed, args.packed_steps, warmup=0)
+        tq = timed(padded, args.packed_steps, warmup=0)
+        t_packed += tp
+        t_padded += tq
+        rows.append({"lengths": lens, "tokens": sum(lens), "padded_tokens": len(lens) * max(lens),
+                     "packed_s": tp, "padded_s": tq, "speedup": tq / tp})
+    # equivalence check so the speedup compares the same computation
+    model.eval()
+    with torch.no_grad():
+        x = make_batch([300, 70, 150], in_dim, seed=7)
+        ref, s = model(x).slide, padded_forward(model, x)[0]
+    return {
+        "config": {"in_dim": in_dim, "dim": dim, "depth": depth, "heads": heads, "lognormal_median": 2000,
+                   "sigma": args.packed_sigma, "clip": [64, 20000], "batch_size": args.packed_batch_size,
+                   "steps": args.packed_steps, "threads": torch.get_num_threads()},
+        "batches": rows, "tokens_per_s_packed": sum(r["tokens"] for r in rows) * args.packed_steps / t_packed,
+        "tokens_per_s_padded": sum(r["tokens"] for r in rows) * args.packed_steps / t_padded,
+        "speedup": t_padded / t_packed, "target": 1.8,
+        "max_abs_diff_slide_packed_vs_padded": float((ref - s).abs().max()),
+    }
+
+
+# ---------------------------------------------------------------- (c) whole slide, fresh process per case
+def child_slide(args) -> dict:
+    base = maxrss_gb()
+    model = build_vit(1024, 768, args.slide_depth, 12, args.pos).eval()
+    x = make_batch([args.slide_tokens], 1024)
+    ready = maxrss_gb()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model(x)
+    wall = time.perf_counter() - t
+    assert out.tokens.shape == (args.slide_tokens, 768) and bool(torch.isfinite(out.slide).all())
+    return {"pos": args.pos, "tokens": args.slide_tokens, "depth": args.slide_depth, "wall_s": wall,
+            "peak_rss_gb": maxrss_gb(), "rss_before_model_gb": base, "rss_with_model_and_input_gb": ready,
+            "flop_s": vit_flops([args.slide_tokens], 1024, 768, args.slide_depth, train=False) / wall}
+
+
+def run_child(cmd: list[str], timeout: float) -> dict:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout)[-2000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def section_slide(args) -> dict:
+    res = {"config": {"in_dim": 1024, "dim": 768, "depth": args.slide_depth, "heads": 12, "tokens": args.slide_tokens,
+                      "spec_depth": 6, "subsampling": "none", "target_peak_rss_gb": 4.0}}
+    for pos in args.slide_pos.split(","):
+        cmd = [sys.executable, __file__, "--_child", "slide", "--pos", pos, "--slide-tokens", str(args.slide_tokens),
+               "--slide-depth", str(args.slide_depth), "--threads", str(torch.get_num_threads())]
+        r = run_child(cmd, args.child_timeout)
+        if "wall_s" in r and args.slide_depth != 6:
+            # inference memory does not grow with depth (blocks run one after another); time is linear in depth
+            r["wall_s_extrapolated_depth6"] = r["wall_s"] * 6 / args.slide_depth
+        res[pos] = r
+    return res
+
+
+# ---------------------------------------------------------------- (d) MOOZY anchor
+def child_moozy(args) -> dict:
+    """Runs in the MOOZY venv: only torch + moozy are imported."""
+    from moozy.models.moozy_slide_encoder import MOOZYSlideEncoder
+
+    side = int(round(math.sqrt(args.moozy_tokens)))
+    base = maxrss_gb()
+    torch.manual_seed(0)
+    enc = MOOZYSlideEncoder(feat_dim=384, d_model=768, n_heads=12, n_layers=6, dim_feedforward=3072,
+                            num_registers=4, dropout=0.0).eval()
+    x = torch.randn(1, side, side, 384)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    patch = 224.0
+    coords = torch.stack([xx, yy], -1).reshape(1, side * side, 2).float() * patch
+    t = time.perf_counter()
+    with torch.inference_mode():
+        cls, patches, _ = enc(x, coords_xy=coords, patch_sizes=torch.tensor([patch]))
+    wall = time.perf_counter() - t
+    return {"system": "moozy", "tokens": side * side, "wall_s": wall, "peak_rss_gb": maxrss_gb(),
+            "rss_before_model_gb": base, "out": list(cls.shape)}
+
+
+def child_ours_grid(args) -> dict:
+    from slidefm.data.batch import pack_slides
+
+    side = int(round(math.sqrt(args.moozy_tokens)))
+    base = maxrss_gb()
+    model = build_vit(384, 768, 6, 12, args.pos, num_registers=4).eval()
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    x = pack_slides([torch.randn(side * side, 384)], [torch.stack([xx, yy], -1).reshape(-1, 2)])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model(x)
+    wall = time.perf_counter() - t
+    return {"system": f"slidefm-vit-{args.pos}", "tokens": side * side, "wall_s": wall, "peak_rss_gb": maxrss_gb(),
+            "rss_before_model_gb": base, "out": list(out.slide.shape)}
+
+
+def section_moozy(args) -> dict:
+    res = {"config": {"tokens": args.moozy_tokens, "grid": "square", "in_dim": 384, "dim": 768, "depth": 6,
+                      "heads": 12, "registers": 4, "weights": "random", "mode": "inference",
+                      "targets": {"speedup": 2.0, "memory_ratio": 4.0}}}
+    common = ["--moozy-tokens", str(args.moozy_tokens), "--threads", str(torch.get_num_threads())]
+    for pos in ("alibi", "rope"):
+        res[f"slidefm_{pos}"] = run_child([sys.executable, __file__, "--_child", "ours_grid", "--pos", pos, *common],
+                                          args.child_timeout)
+    py = args.moozy_python
+    if not py or not Path(py).exists():
+        res["moozy"] = {"error": f"no MOOZY interpreter at {py!r}; create one with: python -m venv /tmp/moozy-venv && "
+                                 "/tmp/moozy-venv/bin/pip install torch moozy"}
+        return res
+    res["moozy_python"] = py
+    res["moozy"] = m = run_child([py, __file__, "--_child", "moozy", *common], args.child_timeout)
+    for pos in ("alibi", "rope"):
+        o = res[f"slidefm_{pos}"]
+        if "wall_s" in m and "wall_s" in o:
+            res[f"speedup_{pos}"] = m["wall_s"] / o["wall_s"]
+            res[f"memory_ratio_{pos}"] = m["peak_rss_gb"] / o["peak_rss_gb"]
+            # without the ~constant interpreter + torch baseline, the ratio of what the models need
+            res[f"memory_ratio_above_baseline_{pos}"] = ((m["peak_rss_gb"] - m["rss_before_model_gb"])
+                                                         / (o["peak_rss_gb"] - o["rss_before_model_gb"]))
+    return res
+
+
+# ---------------------------------------------------------------- (e) GPU
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def section_gpu(args) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from slidefm.models.attention import resolve_backend
+
+    dev, name = torch.device("cuda"), torch.cuda.get_device_name()
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    measured = gemm_flops(8192, 10, device="cuda", dtype=torch.bfloat16)
+    lens = [args.mfu_tokens] * args.gpu_batch
+    model = build_vit(1024, 384, 6, 6, "rope").to(dev).train()
+    x = make_batch(lens, 1024).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+            loss = out.slide.float().square().mean() + out.tokens.float().square().mean()
+        loss.backward()
+        opt.step()
+        torch.cuda.synchronize()
+
+    t = timed(step, 5, warmup=2)
+    flops = vit_flops(lens, 1024, 384, 6)
+    res = {"device": name, "train": {"tokens_per_slide": args.mfu_tokens, "slides": args.gpu_batch, "step_s": t,
+                                     "model_flop_s": flops / t, "bf16_gemm_flop_s": measured,
+                                     "mfu_vs_datasheet": flops / t / peak if peak else None,
+                                     "mfu_vs_gemm": flops / t / measured,
+                                     "backend": resolve_backend("auto", dev, torch.bfloat16)}}
+    for pos in ("rope", "alibi"):
+        model = build_vit(1024, 768, 6, 12, pos).to(dev).eval()
+        x = make_batch([args.slide_tokens], 1024).to(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            torch.cuda.synchronize()
+        res[f"slide_{pos}"] = {"tokens": args.slide_tokens, "wall_s": time.perf_counter() - t0,
+                               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+                               "backend": resolve_backend("auto", dev, torch.bfloat16, alibi=pos == "alibi")}
+        del model, x
+    return res
+
+
+SECTIONS = {"mfu": section_mfu, "packed": section_packed, "slide": section_slide, "moozy": section_moozy,
+            "gpu": section_gpu}
+CHILDREN = {"slide": child_slide, "moozy": child_moozy, "ours_grid": child_ours_grid}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="mfu,packed,slide,moozy,gpu", help="comma list of " + ",".join(SECTIONS))
+    p.add_argument("--out", default=str(HERE / "results" / "aggregators.json"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--mfu-tokens", type=int, default=4096)
+    p.add_argument("--mfu-steps", type=int, default=3)
+    p.add_argument("--packed-dim", type=int, default=128)
+    p.add_argument("--packed-depth", type=int, default=2)
+    p.add_argument("--packed-heads", type=int, default=2)
+    p.add_argument("--packed-batch-size", type=int, default=4)
+    p.add_argument("--packed-batches", type=int, default=2)
+    p.add_argument("--packed-steps", type=int, default=1)
+    p.add_argument("--packed-sigma", type=float, default=1.0, help="lognormal sigma of slide lengths")
+    p.add_argument("--slide-tokens", type=int, default=100_000)
+    p.add_argument("--slide-depth", type=int, default=6)
+    p.add_argument("--slide-pos", default="rope,alibi")
+    p.add_argument("--moozy-tokens", type=int, default=10_000)
+    p.add_argument("--moozy-python", default="/tmp/moozy-venv/bin/python")
+    p.add_argument("--gpu-batch", type=int, default=8)
+    p.add_argument("--child-timeout", type=float, default=7200)
+    p.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--pos", default="rope", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._child:
+        print(json.dumps(CHILDREN[args._child](args)))
+        return 0
+    result = {"host": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+                       "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+              "argv": sys.argv[1:]}
+    out = Path(args.out)
+    if out.exists():  # sections run separately accumulate in one file
+        try:
+            result = json.loads(out.read_text()) | {"host": result["host"]}
+        except json.JSONDecodeError:
+            pass
+    for name in args.sections.split(","):
+        t = time.perf_counter()
+        result[name] = SECTIONS[name](args)
+        result[name]["section_wall_s"] = time.perf_counter() - t
+        print(f"[{name}] done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Data options (one source of truth: Hydra's ``data`` node and the docs read these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ExpressionDataConfig:
+    n_top_genes: int = field(default=2000, metadata={"help": "highly variable genes chosen on training patients"})
+    genes: Optional[List[str]] = field(default=None, metadata={"help": "explicit gene list (overrides HVG selection)"})
+
+
+@dataclass
+class DataConfig:
+    cohort: str = field(default=MISSING, metadata={"help": "cohort directory (shared/cohort-format.md)"})
+    store: Optional[str] = field(default=None, metadata={"help": "packed store from `slidefm pack` (default: auto)"})
+    batch_size: int = field(default=8, metadata={"help": "patients per step (per device)"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    max_slides_per_patient: int = field(
+        default=1, metadata={"help": "slides drawn per patient per step (1 avoids same-patient negatives)"}
+    )
+    tokens: str = field(default="whole", metadata={"help": "slide tokens for the slide branch: whole | subsample | crop"})
+    max_tokens: Optional[int] = field(
+        default=None, metadata={"help": "explicit, seeded token cap for tokens=subsample (recorded in the run)"}
+    )
+    crop_size: int = field(default=32, metadata={"help": "grid crop side for tokens=crop"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of patients held out for validation"})
+    seed: int = field(default=0, metadata={"help": "seed of splits, sampling and views"})
+    views: Any = field(default=None, metadata={"help": "grid-crop views for masked self-distillation"})
+    expression: ExpressionDataConfig = field(default_factory=ExpressionDataConfig)
+    omics: Dict[str, ExpressionDataConfig] = field(default_factory=dict)
+    experts: Dict[str, str] = field(
+        default_factory=dict, metadata={"help": "expert slide embeddings: name -> .h5ad (obs_names = slide_id)"}
+    )

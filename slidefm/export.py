@@ -1,0 +1,143 @@
+"""Batch export of slide and patient embeddings to AnnData: packed, resumable, atomic, deterministic.
+
+Slides are encoded whole (no token cap) in fixed chunks of ``chunk_slides``; each finished chunk is
+saved under ``OUT.partial/`` so a killed export continues where it stopped. Within a chunk, slides
+are packed into batches of at most ``batch_tokens`` tokens (a slide larger than that is a batch of
+its own), and the final ``.h5ad`` is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from slidefm.data.batch import pack_slides
+from slidefm.errors import SlidefmError
+from slidefm.io_utils import atomic_path
+
+
+@dataclass
+class ExportConfig:
+    level: str = field(default="slide", metadata={"help": "slide | patient"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
+    batch_tokens: int = field(default=65536, metadata={"help": "max tokens packed into one forward pass"})
+    chunk_slides: int = field(default=256, metadata={"help": "slides per resumable chunk"})
+    num_workers: int = field(default=1, metadata={"help": "background slide-reading processes"})
+    tokens: bool = field(default=False, metadata={"help": "also write per-patch token embeddings (slide level)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+class _SlideReads(Dataset):
+    def __init__(self, cohort, slide_ids):
+        self.cohort = cohort
+        self.slide_ids = slide_ids
+
+    def __len__(self):
+        return len(self.slide_ids)
+
+    def __getitem__(self, i):
+        sd = self.cohort.read_slide(self.slide_ids[i])
+        return self.slide_ids[i], sd.features, sd.positions
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConfig, partial_dir: Path | None,
+                          fingerprint: str, want_tokens: bool = False):
+    """Encode slides in resumable chunks; returns (S, d) embeddings and optional per-slide token arrays."""
+    chunks = [slide_ids[i : i + cfg.chunk_slides] for i in range(0, len(slide_ids), cfg.chunk_slides)]
+    if partial_dir is not None:
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        meta = partial_dir / "fingerprint.json"
+        if meta.exists() and json.loads(meta.read_text()).get("fingerprint") != fingerprint:
+            # A different checkpoint/cohort/config left this: never mix its chunks in.
+            shutil.rmtree(partial_dir)
+            partial_dir.mkdir(parents=True)
+        meta.write_text(json.dumps({"fingerprint": fingerprint}))
+    todo = [i for i in range(len(chunks)) if partial_dir is None or not (partial_dir / f"chunk{i:06d}.npz").exists()]
+    results: dict[int, tuple[np.ndarray, list]] = {}
+    pbar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        done = sum(len(chunks[i]) for i in range(len(chunks)) if i not in todo)
+        pbar = tqdm(total=len(slide_ids), initial=done, desc="export", unit="slide")
+    for ci in todo:
+        ds = _SlideReads(cohort, chunks[ci])
+        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+                            prefetch_factor=4 if cfg.num_workers else None,
+                            persistent_workers=False)
+        embs, toks = [], []
+        for batch in _budget_batches_stream(loader, cfg.batch_tokens):
+            packed = pack_slides([b[1] for b in batch], [b[2] for b in batch], [b[0] for b in batch])
+            slide, tokens = encoder.encode_packed(packed, want_tokens)
+            embs.append(slide)
+            if want_tokens:
+                toks.extend(tokens)
+            if pbar is not None:
+                pbar.update(len(batch))
+        emb = np.concatenate(embs).astype(np.float32)
+        if partial_dir is not None:
+            with atomic_path(partial_dir / f"chunk{ci:06d}.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, emb=emb, **{f"tok{j}": t for j, t in enumerate(toks)})
+        results[ci] = (emb, toks)
+    if pbar is not None:
+        pbar.close()
+    all_emb, all_tok = [], []
+    for ci in range(len(chunks)):
+        if ci in results:
+            e, t = results[ci]
+        else:
+            with np.load(partial_dir / f"chunk{ci:06d}.npz") as z:
+                e = z["emb"]
+                t = [z[f"tok{j}"] for j in range(len(chunks[ci]))] if want_tokens else []
+        all_emb.append(e)
+        all_tok.extend(t)
+    d = encoder.dim
+    return (np.concatenate(all_emb) if all_emb else np.zeros((0, d), np.float32)), all_tok
+
+
+def _budget_batches_stream(loader, batch_tokens: int):
+    cur, n = [], 0
+    for it in loader:
+        if cur and n + len(it[1]) > batch_tokens:
+            yield cur
+            cur, n = [], 0
+        cur.append(it)
+        n += len(it[1])
+    if cur:
+        yield cur
+
+
+def write_h5ad(adata, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp)
+    return out
+
+
+def check_feature_dim(cohort, in_dim: int, ckpt: str) -> None:
+    d = cohort.feature_dim
+    if d != in_dim:
+        raise SlidefmError(
+            f"cohort {cohort.root} has patch features of width D={d}, but checkpoint {ckpt} was trained on "
+            f"D={in_dim}: export needs features from the same patch encoder"
+        )
+
+
+__all__ = ["ExportConfig", "encode_slides_chunked", "write_h5ad", "check_feature_dim", "file_sha256"]

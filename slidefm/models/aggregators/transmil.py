@@ -1,0 +1,196 @@
+"""TransMIL-style aggregator (Shao et al. 2021; mSTAR uses 2 layers) with PPEG on the true 2-D grid.
+
+TransMIL reshapes the token sequence into the smallest square, so a patch's conv neighbours are
+arbitrary other patches. Here the pyramid position encoding generator (depthwise 7x7 + 5x5 + 3x3
+convolutions plus identity) runs on each slide's real grid: empty cells are zeros, exactly as a
+dense zero-filled grid would be, but only tissue cells are computed, via a neighbour table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from slidefm.data.batch import PackedSlides
+from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
+from slidefm.models.aggregators.mean import segment_index
+from slidefm.models.blocks import Block
+
+__all__ = ["PPEG", "TransMIL", "TransMILConfig", "grid_neighbours", "sparse_depthwise_conv"]
+
+
+def grid_neighbours(positions: Tensor, seg: Tensor, radius: int) -> Tensor:
+    """(K, T) row of the token at offset (dy, dx) from each token in its own slide, -1 where the cell is empty.
+
+    K = (2r+1)^2 offsets in row-major kernel order: k = (dy + r) * (2r+1) + (dx + r), matching a
+    conv2d weight ``w[c, 0, dy + r, dx + r]`` over an image indexed [y, x]. Positions are (x, y)
+    grid cells and must be unique within a slide (``slidefm.grid`` guarantees it).
+    """
+    t = positions.shape[0]
+    k = 2 * radius + 1
+    if t == 0:
+        return torch.empty(k * k, 0, dtype=torch.long, device=positions.device)
+    p = positions.long()
+    px = p[:, 0] - p[:, 0].min() + radius
+    py = p[:, 1] - p[:, 1].min() + radius
+    # Padding each axis by the radius keeps every queried cell inside its own slide's key range.
+    w = int(px.max()) + radius + 1
+    h = int(py.max()) + radius + 1
+    key = (seg.long() * h + py) * w + px
+    sk, order = torch.sort(key)
+    d = torch.arange(-radius, radius + 1, device=p.device)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    q = key[None, :] + (dy.reshape(-1, 1) * w + dx.reshape(-1, 1))  # (K, T)
+    j = torch.searchsorted(sk, q).clamp_max(t - 1)
+    return torch.where(sk[j] == q, order[j], torch.full_like(j, -1))
+
+
+class _SparseDepthwise(torch.autograd.Function):
+    """out[t] = sum_k w[k] * x[nbr[k, t]] (missing neighbours contribute 0).
+
+    Gathers only, no scatter: the input gradient is the same correlation with the point-reflected
+    kernel (the token at offset -d from u is the one that sees u at offset +d), which keeps it
+    deterministic on GPU and avoids CPU index_add_. The custom backward recomputes the gathers
+    instead of letting autograd keep K (T, C) copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, nbr: Tensor) -> Tensor:
+        idx = torch.where(nbr >= 0, nbr, x.shape[0])  # empty cells read an appended zero row
+        xp = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        out = torch.zeros_like(x)
+        for k in range(idx.shape[0]):
+            out.addcmul_(xp[idx[k]], weight[k])
+        ctx.save_for_backward(x, weight, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, idx = ctx.saved_tensors
+        n_off = idx.shape[0]
+        gp = torch.cat([g, g.new_zeros(1, g.shape[1])])
+        xp = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        for k in range(n_off):
+            if gw is not None:
+                gw[k] = (g * xp[idx[k]]).sum(0)
+            if gx is not None:
+                gx.addcmul_(gp[idx[n_off - 1 - k]], weight[k])
+        return gx, gw, None
+
+
+def sparse_depthwise_conv(x: Tensor, weight: Tensor, nbr: Tensor) -> Tensor:
+    """Depthwise conv of packed tokens ``x`` (T, C) with ``weight`` (K, C) over neighbour table ``nbr`` (K, T)."""
+    return _SparseDepthwise.apply(x, weight, nbr)
+
+
+class PPEG(nn.Module):
+    """x + dwconv7(x) + dwconv5(x) + dwconv3(x) over each slide's grid, evaluated at its tokens only."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj7 = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.proj5 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.proj3 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def kernel(self) -> tuple[Tensor, Tensor]:
+        """The three convs and the identity folded into one 7x7 depthwise kernel (49, C) and bias (C,)."""
+        w = self.proj7.weight[:, 0] + F.pad(self.proj5.weight[:, 0], (1, 1, 1, 1))
+        w = w + F.pad(self.proj3.weight[:, 0], (2, 2, 2, 2))
+        eye = torch.zeros(7, 7, device=w.device, dtype=w.dtype)
+        eye[3, 3] = 1.0
+        w = w + eye
+        b = self.proj7.bias + self.proj5.bias + self.proj3.bias
+        return w.reshape(w.shape[0], 49).t(), b
+
+    def forward(self, x: Tensor, positions: Tensor, seg: Tensor, nbr: Tensor | None = None) -> Tensor:
+        """``x`` (T, C) packed tokens, ``positions`` (T, 2) grid cells, ``seg`` (T,) slide index."""
+        if nbr is None:
+            nbr = grid_neighbours(positions, seg, 3)
+        w, b = self.kernel()
+        return sparse_depthwise_conv(x, w.to(x.dtype), nbr) + b.to(x.dtype)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+@dataclass
+class TransMILConfig:
+    name: str = "transmil"
+    dim: int = 512
+    depth: int = 2  # transformer layers; PPEG runs after the first
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0  # after the input projection
+    drop_path: float = 0.0
+    pos: str = "none"  # attention position term on top of PPEG: "none" | "rope" | "alibi"
+    backend: str = "auto"
+
+
+@AGGREGATORS.register("transmil", config=TransMILConfig)
+class TransMIL(Aggregator):
+    """Input projection -> [CLS] + tokens -> layer 1 -> PPEG (true grid) -> layers 2.. -> LayerNorm; slide = CLS.
+
+    Exact packed attention replaces TransMIL's Nystrom approximation. PPEG sees only patch tokens
+    (the CLS has no grid cell), so moving one token on the grid changes the output while shifting a
+    whole slide does not.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int = 512,
+        depth: int = 2,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        pos: str = "none",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.in_dim, self.dim = in_dim, dim
+        self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout))
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.cls_token = nn.Parameter(torch.zeros(dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, pos=pos, drop_path=drop_path, backend=backend) for _ in range(depth)
+        )
+        self.ppeg = PPEG(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.apply(_init_linear)
+        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, x: PackedSlides) -> AggregatorOutput:
+        h = self.proj(x.tokens)
+        if x.token_mask is not None:
+            h = torch.where(x.token_mask[:, None], self.mask_token.to(h.dtype), h)
+        dev, b, t = h.device, x.num_slides, h.shape[0]
+        offsets = x.offsets.to(dev)
+        seg = segment_index(offsets)
+        seq_offsets = offsets + torch.arange(b + 1, device=dev)
+        tok_idx = torch.arange(t, device=dev) + seg + 1  # each slide's CLS sits just before its tokens
+        cls_idx = seq_offsets[:-1]
+        seq = h.new_zeros(t + b, self.dim).index_copy(0, tok_idx, h)
+        seq = seq.index_copy(0, cls_idx, self.cls_token.to(h.dtype).expand(b, -1))
+        pos = torch.full((t + b, 2), float("nan"), device=dev)
+        pos[tok_idx] = x.positions.to(dev, torch.float32)
+        nbr = grid_neighbours(x.positions.to(dev), seg, 3)
+        for i, blk in enumerate(self.blocks):
+            seq = blk(seq, seq_offsets, pos)
+            if i == 0:
+                seq = seq.index_copy(0, tok_idx, self.ppeg(seq[tok_idx], x.positions, seg, nbr))
+        seq = self.norm(seq)
+        return AggregatorOutput(slide=seq[cls_idx], tokens=seq[tok_idx])

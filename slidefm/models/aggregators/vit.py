@@ -1,0 +1,103 @@
+"""ViT slide aggregator over the packed tokens of whole slides (no token cap, no subsampling).
+
+Input projection D_in -> dim, learned mask token for ``x.token_mask``, one CLS (+ optional
+registers) per slide inserted in front of its patch tokens, relative positions only (2-D RoPE or
+2-D ALiBi on grid cells; CLS/registers have none), pre-norm blocks, final LayerNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from slidefm.data.batch import PackedSlides
+from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
+from slidefm.models.blocks import Block
+
+
+@dataclass
+class ViTConfig:
+    name: str = "vit"
+    dim: int = 384
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    pos: str = "rope"  # "rope" | "alibi"
+    num_registers: int = 0
+    drop_path: float = 0.0  # max stochastic-depth rate (linear over depth), drawn per slide
+    layerscale: float | None = None
+    backend: str = "auto"  # attention backend, see slidefm.models.attention
+    grad_checkpointing: bool = False
+    pool: str = "cls"  # "cls" | "mean" (mean of patch-token outputs)
+
+
+@AGGREGATORS.register("vit", config=ViTConfig)
+class ViTAggregator(Aggregator):
+    def __init__(self, in_dim: int, dim: int = 384, depth: int = 6, heads: int = 6, mlp_ratio: float = 4.0,
+                 pos: str = "rope", num_registers: int = 0, drop_path: float = 0.0, layerscale: float | None = None,
+                 backend: str = "auto", grad_checkpointing: bool = False, pool: str = "cls"):
+        super().__init__()
+        if pos not in ("rope", "alibi"):
+            raise ValueError(f"pos must be 'rope' or 'alibi', got '{pos}'")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got '{pool}'")
+        self.in_dim, self.dim, self.pool, self.num_prefix = in_dim, dim, pool, 1 + num_registers
+        self.proj = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, dim))
+        self.registers = nn.Parameter(torch.zeros(num_registers, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path] * depth
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, pos=pos, drop_path=r, layerscale=layerscale, backend=backend,
+                  grad_checkpointing=grad_checkpointing)
+            for r in rates
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.apply(self._init_weights)
+        for p in (self.mask_token, self.cls_token, self.registers):
+            trunc_normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        for b in self.blocks:
+            b.grad_checkpointing = enabled
+
+    def forward(self, x: PackedSlides) -> AggregatorOutput:
+        h = self.proj(x.tokens)
+        if x.token_mask is not None:
+            h = torch.where(x.token_mask.to(h.device)[:, None], self.mask_token.to(h.dtype), h)
+        dev, B, P, T = h.device, x.num_slides, self.num_prefix, h.shape[0]
+        offsets = x.offsets.to(dev)
+        lens = offsets[1:] - offsets[:-1]
+        seq_offsets = offsets + P * torch.arange(B + 1, device=dev)
+        slide_of = torch.repeat_interleave(torch.arange(B, device=dev), lens, output_size=T)
+        patch_idx = torch.arange(T, device=dev) + P * (slide_of + 1)  # where each patch lands
+        prefix_idx = (seq_offsets[:-1, None] + torch.arange(P, device=dev)).reshape(-1)  # CLS at 0, then registers
+
+        prefix = torch.cat([self.cls_token, self.registers]).to(h.dtype).repeat(B, 1)
+        seq = h.new_zeros(T + B * P, self.dim).index_copy(0, patch_idx, h).index_copy(0, prefix_idx, prefix)
+        pos = torch.full((T + B * P, 2), float("nan"), device=dev)
+        pos[patch_idx] = x.positions.to(dev, torch.float32)
+
+        for blk in self.blocks:
+            seq = blk(seq, seq_offsets, pos)
+        seq = self.norm(seq)
+        tokens = seq[patch_idx]
+        if self.pool == "cls":
+            slide = seq[seq_offsets[:-1]]
+        else:
+            sums = tokens.new_zeros(B, self.dim).index_add(0, slide_of, tokens)
+            slide = sums / lens.clamp(min=1).to(tokens.dtype)[:, None]
+        return AggregatorOutput(slide=slide, tokens=tokens)
+
+
+__all__ = ["ViTConfig", "ViTAggregator"]

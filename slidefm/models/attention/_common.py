@@ -1,0 +1,54 @@
+"""Helpers shared by the attention backends: offsets, ALiBi slopes and 2-D distance bias."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """Geometric per-head ALiBi slopes (Press et al.): 2^(-8/n * i) for i = 1..n.
+
+    For head counts that are not a power of two, the slopes of the next power of two are
+    interleaved in, as in the ALiBi paper, so the sequence stays monotone.
+    """
+
+    def geometric(n: int) -> list[float]:
+        ratio = 2.0 ** (-8.0 / n)
+        return [ratio ** (i + 1) for i in range(n)]
+
+    if num_heads <= 0:
+        raise ValueError("num_heads must be positive")
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = geometric(p)
+    if p < num_heads:
+        slopes += geometric(2 * p)[0::2][: num_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def segment_bounds(offsets: Tensor) -> list[tuple[int, int]]:
+    """(start, end) per segment from a (B+1,) offsets tensor (one host sync)."""
+    o = offsets.tolist()
+    return list(zip(o[:-1], o[1:]))
+
+
+def alibi_bias(q_pos: Tensor, k_pos: Tensor, slopes: Tensor, dtype: torch.dtype) -> Tensor:
+    """(H, Nq, Nk) additive bias ``-slope_h * ||q_pos - k_pos||``; rows/cols with NaN positions get 0.
+
+    Distances are accumulated per axis to keep the intermediates at (Nq, Nk), never (Nq, Nk, 2).
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # float32 at least, for half inputs
+    qp = q_pos.to(work)
+    kp = k_pos.to(work)
+    dx = qp[:, None, 0] - kp[None, :, 0]
+    dist = dx.square_()
+    dy = qp[:, None, 1] - kp[None, :, 1]
+    dist.add_(dy.square_())
+    del dx, dy
+    dist.sqrt_()
+    # NaN marks tokens without a position (CLS, registers): spatially neutral.
+    dist.nan_to_num_(nan=0.0)
+    bias = slopes.to(device=dist.device, dtype=work).neg().view(-1, 1, 1) * dist
+    return bias.to(dtype)

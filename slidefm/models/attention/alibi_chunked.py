@@ -1,0 +1,63 @@
+"""2-D ALiBi without an N x N bias: per slide, a chunk of queries attends to all keys.
+
+Memory is O(heads * chunk * N) for the bias of one chunk; the chunk size is picked so that this
+stays under ``max_bias_bytes`` (default 256 MiB), so a 100k-token slide never materialises the
+40 GB full bias. Exact: each query's softmax runs over all keys of its slide.
+With autograd on and more than one chunk, each chunk is checkpointed so backward recomputes its
+bias instead of keeping every chunk's bias alive (which would add up to the full N x N again).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torch.utils.checkpoint import checkpoint
+
+from slidefm.models.attention._common import alibi_bias, segment_bounds
+from slidefm.models.attention.sdpa import _attend
+
+NAME = "alibi_chunked"
+SUPPORTS_ALIBI = True
+DEFAULT_MAX_BIAS_BYTES = 256 * 2**20
+MIN_CHUNK = 16
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+def pick_chunk(num_heads: int, num_keys: int, itemsize: int, max_bias_bytes: int = DEFAULT_MAX_BIAS_BYTES) -> int:
+    """Largest query chunk whose (heads, chunk, keys) bias fits in ``max_bias_bytes``."""
+    # +2: the float32 distance intermediates live alongside the per-head bias.
+    per_query = max(1, (num_heads + 2) * num_keys * max(itemsize, 4))
+    return max(MIN_CHUNK, max_bias_bytes // per_query)
+
+
+def _chunk(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, slopes: Tensor) -> Tensor:
+    bias = alibi_bias(q_pos, k_pos, slopes, q.dtype)
+    return _attend(q, k, v, attn_mask=bias[None])
+
+
+def attention(
+    q, k, v, q_offsets, kv_offsets, q_positions=None, kv_positions=None, alibi_slopes=None,
+    *, chunk_size: int | None = None, max_bias_bytes: int = DEFAULT_MAX_BIAS_BYTES,
+) -> Tensor:
+    outs = []
+    for (qa, qb), (ka, kb) in zip(segment_bounds(q_offsets), segment_bounds(kv_offsets)):
+        n, m = qb - qa, kb - ka
+        if n == 0:
+            continue
+        if alibi_slopes is None or m == 0:
+            outs.append(_attend(q[qa:qb], k[ka:kb], v[ka:kb]))
+            continue
+        ks, vs, kp = k[ka:kb], v[ka:kb], kv_positions[ka:kb]
+        c = chunk_size or pick_chunk(q.shape[1], m, q.element_size(), max_bias_bytes)
+        recompute = torch.is_grad_enabled() and c < n and (q.requires_grad or k.requires_grad or v.requires_grad)
+        for s in range(qa, qb, c):
+            e = min(s + c, qb)
+            args = (q[s:e], ks, vs, q_positions[s:e], kp, alibi_slopes)
+            outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
+    if not outs:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -1,0 +1,110 @@
+"""Patient (case) level: a transformer over a patient's slide embeddings, and plain pooling.
+
+Slides of P patients arrive packed: ``emb`` (S, d) with patient i owning
+``emb[offsets[i]:offsets[i+1]]``. Both paths are invariant to the order of a patient's slides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from slidefm.errors import SlidefmError
+from slidefm.models.aggregators.mean import segment_index, segment_max, segment_mean
+from slidefm.models.blocks import Block
+from slidefm.registry import Registry
+
+__all__ = ["CASE_MODELS", "CaseConfig", "CaseTransformer", "build_case_transformer", "pool_slides"]
+
+CASE_MODELS = Registry("case model")
+
+
+def pool_slides(emb: Tensor, offsets: Tensor, how: str = "mean") -> Tensor:
+    """(P, d) patient embeddings from packed (S, d) slide embeddings by ``how`` = "mean" | "max".
+
+    For checkpoints without a case transformer. A patient without slides gets zeros.
+    """
+    seg = segment_index(offsets.to(emb.device))
+    n = int(offsets.numel() - 1)
+    if how == "mean":
+        return segment_mean(emb, seg, n)
+    if how == "max":
+        return segment_max(emb, seg, n)
+    raise SlidefmError(f"unknown slide pooling '{how}'; known: mean, max")
+
+
+@dataclass
+class CaseConfig:
+    name: str = "transformer"
+    dim: int | None = None  # width of the slide embeddings; None: taken from the aggregator at build
+    depth: int = 3
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1  # on the input slide embeddings
+    drop_path: float = 0.0
+
+
+@CASE_MODELS.register("transformer", config=CaseConfig)
+class CaseTransformer(nn.Module):
+    """[CASE] token + a patient's slide embeddings -> ``depth`` pre-norm blocks -> LayerNorm(CASE).
+
+    No positional encoding of any kind (not even a slide index), so self-attention is
+    permutation-equivariant over the slides and the [CASE] output is invariant to their order.
+    ``forward(emb (S, d), offsets (P+1,)) -> (P, d)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int = 3,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.case_token = nn.Parameter(torch.zeros(dim))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, pos="none", drop_path=drop_path) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        trunc_normal_(self.case_token, std=0.02)
+
+    def forward(self, emb: Tensor, offsets: Tensor) -> Tensor:
+        dev, s = emb.device, emb.shape[0]
+        offsets = offsets.to(dev)
+        p = int(offsets.numel() - 1)
+        seg = segment_index(offsets)
+        seq_offsets = offsets + torch.arange(p + 1, device=dev)
+        slide_idx = torch.arange(s, device=dev) + seg + 1
+        case_idx = seq_offsets[:-1]
+        seq = emb.new_zeros(s + p, self.dim).index_copy(0, slide_idx, self.drop(emb))
+        seq = seq.index_copy(0, case_idx, self.case_token.to(emb.dtype).expand(p, -1))
+        for blk in self.blocks:
+            seq = blk(seq, seq_offsets)
+        return self.norm(seq[case_idx])
+
+
+def build_case_transformer(cfg, dim: int | None = None) -> nn.Module:
+    """Build from a :class:`CaseConfig` (or dict/DictConfig with ``name``); ``dim`` = slide embedding width."""
+    from slidefm.registry import config_to_dict
+
+    kw = config_to_dict(cfg)
+    want = kw.pop("dim", None)
+    if dim is None:
+        dim = want
+    elif want is not None and int(want) != int(dim):
+        raise SlidefmError(f"case transformer dim {want} does not match the slide embedding width {dim}")
+    if dim is None:
+        raise SlidefmError("case transformer needs dim (the slide embedding width)")
+    return CASE_MODELS.build(kw, dim=int(dim))

@@ -1,0 +1,75 @@
+"""The composite model: slide aggregator, optional case transformer, modality towers, projections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slidefm.data.batch import Modality, PackedSlides
+from slidefm.models.aggregators import AggregatorOutput, build_aggregator
+from slidefm.registry import config_to_dict
+
+
+class SlideFM(nn.Module):
+    """Slides -> slide embeddings -> patient embeddings; modality rows -> embeddings in one shared space.
+
+    ``modality_dims`` gives each tabular modality's input width and, for a precomputed (frozen)
+    text tower, the width of its cached embeddings under the key ``report``.
+    """
+
+    def __init__(self, cfg: Any, in_dim: int, modality_dims: dict[str, int] | None = None,
+                 text_precomputed: bool = True):
+        super().__init__()
+        from slidefm.modalities import MODALITY_ENCODERS
+
+        modality_dims = dict(modality_dims or {})
+        self.in_dim = in_dim
+        self.embed_dim = int(cfg.embed_dim)
+        self.patient_pool = cfg.patient_pool
+        self.aggregator = build_aggregator(cfg.aggregator, in_dim=in_dim)
+        d = self.aggregator.dim
+        self.case = None
+        if cfg.case is not None:
+            from slidefm.models.case import build_case_transformer
+
+            self.case = build_case_transformer(cfg.case, dim=d)
+        self.slide_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.embed_dim))
+        self.towers = nn.ModuleDict()
+        self.text_precomputed = text_precomputed
+        if cfg.report is not None:
+            if text_precomputed:
+                width = modality_dims["report"]
+                self.towers["report"] = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, self.embed_dim))
+            else:
+                self.towers["report"] = MODALITY_ENCODERS.build(cfg.report, out_dim=self.embed_dim)
+        tab = {}
+        if cfg.expression is not None:
+            tab["expression"] = cfg.expression
+        tab.update(config_to_dict(cfg.omics) if cfg.omics else {})
+        for name, ecfg in tab.items():
+            if name not in modality_dims:
+                continue
+            self.towers[name] = MODALITY_ENCODERS.build(ecfg, in_dim=modality_dims[name], out_dim=self.embed_dim)
+
+    @property
+    def dim(self) -> int:
+        return self.aggregator.dim
+
+    def encode_slides(self, slides: PackedSlides) -> AggregatorOutput:
+        return self.aggregator(slides)
+
+    def encode_patients(self, slide_emb: Tensor, patient_offsets: Tensor) -> Tensor:
+        """(S, d) slide embeddings grouped by ``patient_offsets`` -> (P, d)."""
+        if self.case is not None:
+            return self.case(slide_emb, patient_offsets)
+        from slidefm.models.case import pool_slides
+
+        return pool_slides(slide_emb, patient_offsets, how=self.patient_pool)
+
+    def encode_modality(self, name: str, m: Modality) -> Tensor:
+        return self.towers[name](m.data)
+
+    def project_patients(self, patient_emb: Tensor) -> Tensor:
+        return self.slide_proj(patient_emb)

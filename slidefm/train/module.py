@@ -1,0 +1,177 @@
+"""LightningModule composing the model with any weighted set of objectives."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+import slidefm
+from slidefm.data.types import Batch
+from slidefm.models.model import SlideFM
+from slidefm.train.optim import build_optimizer
+from slidefm.train.rankme import rankme
+
+
+def code_version() -> dict[str, str]:
+    v = {"slidefm": slidefm.__version__, "torch": str(torch.__version__)}
+    try:
+        root = Path(slidefm.__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            v["git"] = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def to_config(config: Any):
+    """Plain dict / DictConfig -> typed TrainConfig DictConfig (validates field names)."""
+    from slidefm.config import TrainConfig, register_configs
+
+    register_configs()
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    return OmegaConf.create(config)
+
+
+class SlideFMModule(pl.LightningModule):
+    """Pretraining (contrastive, masked self-distillation, expert distillation) and the patient stage
+    (case transformer with multi-task supervision) in one module: the objectives present in the
+    config decide which branches run."""
+
+    def __init__(self, config: dict, in_dim: int, modality_dims: dict[str, int] | None = None,
+                 preprocessing: dict | None = None, tasks: list[dict] | None = None,
+                 text_precomputed: bool = True, expert_dims: dict[str, int] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = cfg = to_config(config)
+        self.model = SlideFM(cfg.model, in_dim, modality_dims, text_precomputed=text_precomputed)
+        from slidefm.objectives import OBJECTIVES
+
+        obj = cfg.objectives
+        self.contrastive = OBJECTIVES.build(obj.contrastive, embed_dim=self.model.embed_dim) if obj.contrastive else None
+        self.distillation = (
+            OBJECTIVES.build(obj.distillation, student=self.model.aggregator) if obj.distillation else None
+        )
+        self.supervised = (
+            OBJECTIVES.build(obj.supervised, dim=self.model.dim, tasks=tasks or []) if obj.supervised else None
+        )
+        self.expert = (
+            OBJECTIVES.build(obj.expert, dim=self.model.dim, expert_dims=expert_dims or {}) if obj.expert else None
+        )
+        if cfg.model.freeze_slide_encoder:
+            for p in self.model.aggregator.parameters():
+                p.requires_grad_(False)
+        self.preprocessing = preprocessing or {}
+        self._rank_buf: list[torch.Tensor] = []
+        self._val_emb: list[torch.Tensor] = []
+        self._t_last: float | None = None
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _weight(self, name: str) -> float:
+        c = getattr(self.cfg.objectives, name)
+        return float(c.get("weight", 1.0)) if c is not None else 0.0
+
+    def _losses(self, batch: Batch, train: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+        terms: dict[str, torch.Tensor] = {}
+        logs: dict[str, float] = {}
+        patient_z = None
+        if self.distillation is not None and batch.views is not None:
+            out = self.distillation(self.model.aggregator, batch.views, step=self.global_step)
+            terms["distillation"] = out["loss"]
+            logs.update({f"distillation/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
+        if self.contrastive is not None or self.supervised is not None or self.expert is not None:
+            agg = self.model.encode_slides(batch.slides)
+            patient = self.model.encode_patients(agg.slide, batch.patient_offsets)
+            patient_z = self.model.project_patients(patient)
+            if self.contrastive is not None:
+                emb = {"slide": patient_z}
+                present = {"slide": torch.ones(len(patient_z), dtype=torch.bool, device=patient_z.device)}
+                for name, m in batch.modalities.items():
+                    if name in self.model.towers:
+                        emb[name] = self.model.encode_modality(name, m)
+                        present[name] = m.present
+                out = self.contrastive(emb, present)
+                terms["contrastive"] = out["loss"]
+                logs.update({f"contrastive/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
+            if self.supervised is not None:
+                out = self.supervised(patient, batch.labels)
+                terms["supervised"] = out["loss"]
+                logs.update({f"supervised/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
+            if self.expert is not None and batch.experts:
+                out = self.expert(agg.slide, {k: m.data for k, m in batch.experts.items()},
+                                  {k: m.present for k, m in batch.experts.items()})
+                terms["expert"] = out["loss"]
+                logs.update({f"expert/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
+        if not terms:
+            raise RuntimeError("no objective produced a loss: check objectives.* and data.views in the config")
+        total = sum(self._weight(k) * v for k, v in terms.items())
+        logs.update({f"{k}/loss": float(v.detach()) for k, v in terms.items()})
+        return total, logs, patient_z
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        loss, logs, z = self._losses(batch, train=True)
+        bs = batch.num_patients
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = max(now - self._t_last, 1e-9)
+            self.log("train/slides_per_s", batch.slides.num_slides / dt, batch_size=bs)
+            self.log("train/tokens_per_s", batch.slides.tokens.shape[0] / dt, batch_size=bs)
+        self._t_last = now
+        if z is not None:
+            self._rank_buf.append(z.detach().float().cpu())
+            n = sum(len(b) for b in self._rank_buf)
+            if n >= 64:
+                self.log("train/rankme", rankme(torch.cat(self._rank_buf)), batch_size=bs)
+                self._rank_buf = []
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.distillation is not None:
+            self.distillation.update_teacher(self.distillation.momentum(self.global_step, self._total_steps()))
+
+    def validation_step(self, batch: Batch, batch_idx: int):
+        loss, logs, z = self._losses(batch, train=False)
+        bs = batch.num_patients
+        self.log("val/loss", loss, batch_size=bs, sync_dist=True)
+        for k, v in logs.items():
+            self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
+        if z is not None:
+            self._val_emb.append(z.detach().float().cpu())
+
+    def on_validation_epoch_end(self):
+        if self._val_emb:
+            self.log("val/rankme", rankme(torch.cat(self._val_emb)))
+        self._val_emb = []
+
+    # -- optimisation --------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        return int(self.cfg.optim.total_steps or self.cfg.trainer.max_steps)
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self, self.cfg.optim, self._total_steps())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["slidefm"] = {
+            "format": 1,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "in_dim": int(self.hparams["in_dim"]),
+            "modality_dims": dict(self.hparams.get("modality_dims") or {}),
+            "preprocessing": self.preprocessing,
+            "tasks": list(self.hparams.get("tasks") or []),
+            "version": code_version(),
+        }
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)

@@ -1,0 +1,170 @@
+"""The training job behind `slidefm train`: validate the cohort, prepare tables, fit, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from slidefm.errors import CohortError, SlidefmError
+
+log = logging.getLogger("slidefm.train")
+
+
+def cache_dir() -> Path:
+    """Shared cache (frozen report embeddings, keyed by model and text hash): $SLIDEFM_CACHE or ~/.cache/slidefm."""
+    base = os.environ.get("SLIDEFM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "slidefm")
+    return Path(base).expanduser()
+
+
+def modality_needs(cfg) -> set[str]:
+    needs = set()
+    if cfg.model.report is not None:
+        needs.add("report")
+    if cfg.model.expression is not None:
+        needs.add("expression")
+    needs.update((cfg.model.omics or {}).keys())
+    return needs
+
+
+def text_embeddings(cfg, texts: list[str | None], cache_dir: Path) -> torch.Tensor:
+    """Frozen report tower: embed each patient's report once, through the on-disk cache."""
+    from slidefm.modalities import MODALITY_ENCODERS, TextEmbeddingCache
+
+    enc = MODALITY_ENCODERS.build(cfg.model.report).eval()
+    present = [t for t in texts if t]
+    emb = TextEmbeddingCache(cache_dir).get_or_compute(enc, present) if present else torch.zeros(0, enc.width)
+    out = torch.zeros(len(texts), emb.shape[1] if len(present) else enc.width)
+    j = 0
+    for i, t in enumerate(texts):
+        if t:
+            out[i] = emb[j]
+            j += 1
+    return out
+
+
+def build_everything(cfg: DictConfig, run_dir: Path):
+    """Cohort -> tables -> LightningModule + DataModule (no training)."""
+    from slidefm.cohort import Cohort
+    from slidefm.data.dataset import Collate, PatientDataset
+    from slidefm.data.tables import build_tables
+    from slidefm.train.module import SlideFMModule
+    from slidefm.data.loader import CohortDataModule
+
+    cohort = Cohort.open(cfg.data.cohort, store=cfg.data.store)
+    problems = cohort.validate()
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise CohortError(errors)
+    for p in problems:
+        log.warning(str(p))
+    tasks = list(cohort.tasks) if cfg.objectives.supervised is not None else []
+    needs = modality_needs(cfg)
+    tables = build_tables(cohort, cfg.data, tasks=tasks, needs=needs)
+    text_pre = cfg.model.report is None or str(cfg.model.report.get("trainable", "frozen")) == "frozen"
+    modality_dims = {k: int(x.shape[1]) for k, (x, _) in tables.tabular.items()}
+    if cfg.model.report is not None and text_pre:
+        tables.report_embeddings = text_embeddings(cfg, tables.report_texts or [], cache_dir() / "text")
+        modality_dims["report"] = int(tables.report_embeddings.shape[1])
+    expert_dims = {k: int(v[0].shape[1]) for k, v in tables.experts.items()}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    classes = tables.preprocessing.get("labels", {})
+    task_dicts = [{**dataclasses.asdict(t), **({"classes": classes[t.name]} if t.name in classes else {})}
+                  for t in tasks]
+    module = SlideFMModule(
+        config, in_dim=cohort.feature_dim, modality_dims=modality_dims, preprocessing=tables.preprocessing,
+        tasks=task_dicts, text_precomputed=text_pre, expert_dims=expert_dims,
+    )
+    if module.supervised is not None:
+        # Class weights and survival bins come from training patients only.
+        train_rows = tables.rows(tables.train_ids)
+        module.supervised.fit({k: v[train_rows] for k, v in tables.labels.items()})
+    if cfg.model.init_from:
+        load_slide_encoder(module, cfg.model.init_from)
+    slides_of = {p: list(cohort.slides_of(p)) for p in cohort.patient_ids}
+    tokenizer = None
+    if cfg.model.report is not None and not text_pre:
+        tokenizer = module.model.towers["report"].tokenize
+    collate = Collate(tables, tokenizer)
+    train_ds = PatientDataset(cohort, tables.train_ids, slides_of, cfg.data, train=True)
+    val_ds = PatientDataset(cohort, tables.val_ids, slides_of, cfg.data, train=False) if tables.val_ids else None
+    return module, CohortDataModule(train_ds, val_ds, cfg.data, collate), cohort
+
+
+def load_slide_encoder(module, path: str) -> None:
+    from slidefm.api import load_checkpoint
+
+    ck = load_checkpoint(path)
+    prefix = "model.aggregator."
+    state = {k[len(prefix):]: v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise SlidefmError(f"{path} holds no slide encoder weights")
+    try:
+        module.model.aggregator.load_state_dict(state)
+    except RuntimeError as e:
+        raise SlidefmError(f"slide encoder in {path} does not match model.aggregator: {e}") from e
+    if module.distillation is not None:
+        module.distillation.reset_teacher(module.model.aggregator)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from slidefm.train.checkpoint_io import AtomicCheckpointIO
+    from slidefm.train.preemption import PreemptionCheckpoint
+    from slidefm.train.slurm import check_slurm_layout, cluster_plugins
+
+    t = cfg.trainer
+    check_slurm_layout(t.devices, t.num_nodes)
+    accel = t.accelerator
+    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+    precision = t.precision or ("bf16-mixed" if on_gpu else "32-true")
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
+                        every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False),
+        PreemptionCheckpoint(ckpt_dir),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    val_kw = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
+    return pl.Trainer(
+        default_root_dir=str(run_dir), max_steps=t.max_steps, accelerator=accel, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=precision, gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        logger=CSVLogger(str(run_dir), name="logs", version=""), callbacks=callbacks, deterministic=t.deterministic,
+        enable_progress_bar=t.progress_bar, plugins=[*cluster_plugins(), AtomicCheckpointIO()], num_sanity_val_steps=0,
+        limit_val_batches=1.0, **val_kw,
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    import pytorch_lightning as pl
+
+    from slidefm.train.slurm import resume_checkpoint
+
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    module, datamodule, _ = build_everything(cfg, run_dir)
+    trainer = make_trainer(cfg, run_dir)
+    ckpt = resume_checkpoint(run_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    preempted = any(getattr(cb, "preempted_by", 0) for cb in trainer.callbacks)
+    if preempted:
+        # last.ckpt was written at the step boundary after the signal; the job is requeued.
+        return {"run_dir": str(run_dir), "checkpoint": str(last), "global_step": trainer.global_step,
+                "preempted": True}
+    trainer.save_checkpoint(str(last))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    return {"run_dir": str(run_dir), "checkpoint": str(last), "global_step": trainer.global_step, **metrics}

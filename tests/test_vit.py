@@ -1,0 +1,132 @@
+"""ViTAggregator: packing equivalence, relative positions, mask token, gradients, grid symmetries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slidefm.data.batch import PackedSlides, pack_slides
+from slidefm.models.aggregators import AGGREGATORS, build_aggregator
+from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
+
+IN_DIM = 12
+
+
+def make_model(pos="rope", **kw):
+    torch.manual_seed(0)
+    cfg = dict(dim=32, depth=2, heads=4, pos=pos, num_registers=2) | kw
+    return ViTAggregator(IN_DIM, **cfg).double().eval()
+
+
+def slides(lens=(7, 1, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(n, IN_DIM, generator=g, dtype=torch.float64) for n in lens]
+    # distinct cells per slide, on a 6 x 6 grid
+    pos = [torch.randperm(36, generator=g)[:n] for n in lens]
+    pos = [torch.stack([p % 6, p // 6], 1) for p in pos]
+    x = pack_slides(feats, pos)
+    x.tokens = x.tokens.double()
+    return x
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_packed_equals_per_slide(pos, pool):
+    m, x = make_model(pos, pool=pool), slides()
+    out = run(m, x)
+    assert out.slide.shape == (3, 32) and out.tokens.shape == (x.tokens.shape[0], 32)
+    for i in range(x.num_slides):
+        one = run(m, x.select(i))
+        torch.testing.assert_close(out.slide[i : i + 1], one.slide)
+        a, b = int(x.offsets[i]), int(x.offsets[i + 1])
+        torch.testing.assert_close(out.tokens[a:b], one.tokens)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_token_order_inside_slide_is_irrelevant(pos):
+    m, x = make_model(pos), slides((9, 5))
+    perm = torch.cat([torch.randperm(9, generator=torch.Generator().manual_seed(3)),
+                      9 + torch.randperm(5, generator=torch.Generator().manual_seed(4))])
+    y = PackedSlides(x.tokens[perm], x.positions[perm], x.offsets)
+    ox, oy = run(m, x), run(m, y)
+    torch.testing.assert_close(oy.slide, ox.slide)
+    torch.testing.assert_close(oy.tokens, ox.tokens[perm])
+
+
+def test_mask_token_replaces_masked_features():
+    m, x = make_model(), slides()
+    mask = torch.zeros(x.tokens.shape[0], dtype=torch.bool)
+    mask[[0, 3, 9]] = True
+    masked = PackedSlides(x.tokens, x.positions, x.offsets, mask)
+    scrambled = PackedSlides(x.tokens.clone(), x.positions, x.offsets, mask)
+    scrambled.tokens[mask] = 100.0  # masked features must not matter
+    a, b, plain = run(m, masked), run(m, scrambled), run(m, x)
+    torch.testing.assert_close(a.slide, b.slide)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    assert not torch.allclose(a.slide, plain.slide)
+    with torch.no_grad():  # ...the learned mask embedding does
+        # (a constant shift would be invisible: every LayerNorm removes it)
+        m.mask_token.add_(torch.randn(m.mask_token.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert not torch.allclose(run(m, masked).slide, a.slide)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_gradients_reach_every_parameter(pos):
+    m, x = make_model(pos, drop_path=0.1, layerscale=0.1).train(), slides()
+    x.token_mask = torch.zeros(x.tokens.shape[0], dtype=torch.bool)
+    x.token_mask[[1, 10]] = True
+    out = m(x)
+    (out.slide.square().sum() + out.tokens.square().sum()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_grad_checkpointing_same_gradients():
+    x = slides()
+    grads = []
+    for ckpt in (False, True):
+        m = make_model(grad_checkpointing=ckpt).train()
+        out = m(x)
+        out.slide.sum().backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def _rot90(pos):  # (x, y) -> (y, 5 - x) on the 6 x 6 grid
+    return torch.stack([pos[:, 1], 5 - pos[:, 0]], 1)
+
+
+def _flip(pos):  # mirror x
+    return torch.stack([5 - pos[:, 0], pos[:, 1]], 1)
+
+
+@pytest.mark.parametrize("transform", [_rot90, _flip])
+def test_grid_symmetries_are_noops_for_alibi_not_rope(transform):
+    """Documents a property augmentations must respect: ALiBi sees distances only.
+
+    Rotating or flipping the grid leaves an ALiBi ViT's output exactly unchanged, so such
+    augmentations do nothing for it; with 2-D RoPE (axis-aware) they change the output.
+    """
+    x = slides()
+    y = PackedSlides(x.tokens, transform(x.positions), x.offsets)
+    alibi = make_model("alibi")
+    torch.testing.assert_close(run(alibi, y).slide, run(alibi, x).slide)
+    torch.testing.assert_close(run(alibi, y).tokens, run(alibi, x).tokens)
+    rope = make_model("rope")
+    assert (run(rope, y).slide - run(rope, x).slide).abs().max() > 1e-6
+
+
+def test_registry_and_config():
+    assert AGGREGATORS.config_class("vit") is ViTConfig
+    m = build_aggregator({"name": "vit", "dim": 16, "depth": 1, "heads": 2, "pos": "alibi", "pool": "mean"}, in_dim=8)
+    assert isinstance(m, ViTAggregator) and m.in_dim == 8 and m.dim == 16
+    x = pack_slides([torch.randn(3, 8)], [torch.tensor([[0, 0], [1, 0], [0, 1]])])
+    assert m(x).slide.shape == (1, 16)
+    with pytest.raises(ValueError):
+        ViTAggregator(8, dim=16, heads=2, pos="absolute")
