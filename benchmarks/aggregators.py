@@ -29,7 +29,17 @@ HERE = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------- helpers
 def maxrss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    """Peak resident memory of this process in GB.
+
+    VmHWM first: ru_maxrss survives fork+exec, so a child would report its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux/BSD report KiB
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -296,8 +306,9 @@ def section_moozy(args) -> dict:
             res[f"speedup_{pos}"] = m["wall_s"] / o["wall_s"]
             res[f"memory_ratio_{pos}"] = m["peak_rss_gb"] / o["peak_rss_gb"]
             # without the ~constant interpreter + torch baseline, the ratio of what the models need
-            res[f"memory_ratio_above_baseline_{pos}"] = ((m["peak_rss_gb"] - m["rss_before_model_gb"])
-                                                         / (o["peak_rss_gb"] - o["rss_before_model_gb"]))
+            ours_net = o["peak_rss_gb"] - o["rss_before_model_gb"]
+            if ours_net > 0:
+                res[f"memory_ratio_above_baseline_{pos}"] = (m["peak_rss_gb"] - m["rss_before_model_gb"]) / ours_net
     return res
 
 
@@ -400,8 +411,8 @@ def main(argv=None) -> int:
         result[name] = SECTIONS[name](args)
         result[name]["section_wall_s"] = time.perf_counter() - t
         print(f"[{name}] done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))  # after every section: long runs keep partial results
     print(json.dumps(result, indent=2))
     return 0
 

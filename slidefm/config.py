@@ -26,6 +26,9 @@ class ModelConfig:
     report: Any = None  # group model/report: text encoder for reports
     expression: Any = None  # group model/expression: tabular encoder for expression
     omics: Any = field(default_factory=dict)  # name -> tabular encoder config, for cohort.yaml omics
+    input_norm: str = field(
+        default="none", metadata={"help": "per-slide feature normalisation before the aggregator: none | center | standardize"}
+    )
     embed_dim: int = field(default=256, metadata={"help": "shared embedding width of the contrastive space"})
     patient_pool: str = field(default="mean", metadata={"help": "slide->patient pooling without a case model"})
     init_from: Optional[str] = field(default=None, metadata={"help": "checkpoint whose slide encoder initialises this one"})

@@ -196,3 +196,22 @@ def test_perceiver_latents():
     torch.testing.assert_close(first(x).slide, lat[:: 4])
     with pytest.raises(ValueError, match="at least one token"):
         m(make_batch(lengths=[3, 0]))
+
+
+@pytest.mark.parametrize("mode", ["center", "standardize"])
+def test_input_norm_removes_per_slide_shift(mode):
+    from slidefm.models.aggregators.input_norm import SlideInputNorm
+
+    torch.manual_seed(0)
+    inner = AGGREGATORS.build({"name": "abmil", "dim": 8, "hidden": 16, "attn_dim": 8, "heads": 2, "dropout": 0.0},
+                              in_dim=6)
+    agg = SlideInputNorm(inner, mode).eval()
+    feats = [torch.randn(5, 6), torch.randn(9, 6)]
+    pos = [torch.randint(0, 4, (5, 2)), torch.randint(0, 4, (9, 2))]
+    base = agg(pack_slides(feats, pos))
+    # A different additive (and, for standardize, per-dimension scale) shift per slide: a site/stain effect.
+    shifted = [feats[0] + 3.0, feats[1] * (2.0 if mode == "standardize" else 1.0) - torch.arange(6.0)]
+    out = agg(pack_slides(shifted, pos))
+    torch.testing.assert_close(out.slide, base.slide, rtol=1e-4, atol=1e-4)
+    plain = inner(pack_slides(shifted, pos))
+    assert not torch.allclose(plain.slide, base.slide, atol=1e-3)  # without the norm the shift shows

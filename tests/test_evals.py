@@ -235,3 +235,20 @@ def test_cli_end_to_end(small_cohort, tmp_path):
     out3 = tmp_path / "out3"
     assert main(args[:5] + ["--tasks", str(bad), "--out", str(out3), "--no-baseline"]) == 2
     assert not (out3 / "results.csv").exists()
+
+
+def test_zeroshot_runs_only_with_encoder_and_prompts(small_cohort):
+    d, c, emb = small_cohort
+    rng = np.random.default_rng(0)
+    words = {}
+
+    def encoder(texts):  # a fixed random vector per text, width of the embeddings
+        return np.stack([words.setdefault(t, rng.normal(size=emb.n_vars)) for t in texts])
+
+    task = {"name": "subtype", "kind": "classification", "label": "subtype",
+            "prompts": {"acinar": ["acinar"], "solid": ["solid", "solid sheets"], "papillary": "papillary"}}
+    cfg = EvalConfig(**{**QUICK, "protocols": ["zeroshot"], "baseline": False})
+    res = evaluate(emb, c, tasks=[task], config=cfg, text_encoder=encoder)
+    z = res.results[res.results.kind == "zeroshot"]
+    assert set(z.metric) == {"auroc", "balanced_accuracy", "weighted_f1"} and (z.n == len(c.patient_ids)).all()
+    assert set(evaluate(emb, c, tasks=[task], config=cfg).results.kind) == set()  # no encoder: nothing

@@ -130,3 +130,15 @@ def test_registry_and_config():
     assert m(x).slide.shape == (1, 16)
     with pytest.raises(ValueError):
         ViTAggregator(8, dim=16, heads=2, pos="absolute")
+
+
+def test_rope_vit_is_translation_invariant_per_slide():
+    """Shifting one slide's whole grid (a crop vs the same tissue in a whole slide) changes nothing."""
+    torch.manual_seed(0)
+    vit = ViTAggregator(in_dim=8, dim=16, depth=2, heads=2, pos="rope", num_registers=2).eval()
+    f = [torch.randn(12, 8), torch.randn(7, 8)]
+    p = [torch.randint(0, 6, (12, 2)), torch.randint(0, 6, (7, 2))]
+    a = vit(pack_slides(f, p))
+    b = vit(pack_slides(f, [p[0] + torch.tensor([37, 5]), p[1] - 3]))
+    torch.testing.assert_close(b.slide, a.slide, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.tokens, a.tokens, rtol=1e-4, atol=1e-5)

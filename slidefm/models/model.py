@@ -29,6 +29,10 @@ class SlideFM(nn.Module):
         self.embed_dim = int(cfg.embed_dim)
         self.patient_pool = cfg.patient_pool
         self.aggregator = build_aggregator(cfg.aggregator, in_dim=in_dim)
+        if cfg.input_norm != "none":
+            from slidefm.models.aggregators.input_norm import SlideInputNorm
+
+            self.aggregator = SlideInputNorm(self.aggregator, cfg.input_norm)
         d = self.aggregator.dim
         self.case = None
         if cfg.case is not None:

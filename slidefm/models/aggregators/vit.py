@@ -86,7 +86,12 @@ class ViTAggregator(Aggregator):
         prefix = torch.cat([self.cls_token, self.registers]).to(h.dtype).repeat(B, 1)
         seq = h.new_zeros(T + B * P, self.dim).index_copy(0, patch_idx, h).index_copy(0, prefix_idx, prefix)
         pos = torch.full((T + B * P, 2), float("nan"), device=dev)
-        pos[patch_idx] = x.positions.to(dev, torch.float32)
+        p = x.positions.to(dev, torch.float32)
+        # Centre each slide's grid on its centroid: CLS/register tokens carry no rotation, so with
+        # RoPE their attention to patches would otherwise depend on where the grid happens to start
+        # (crops start at 0, whole slides anywhere). ALiBi only sees distances and is unaffected.
+        centroid = p.new_zeros(B, 2).index_add_(0, slide_of, p) / lens.clamp(min=1).to(p.dtype)[:, None]
+        pos[patch_idx] = p - centroid[slide_of]
 
         for blk in self.blocks:
             seq = blk(seq, seq_offsets, pos)

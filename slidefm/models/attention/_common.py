@@ -34,6 +34,19 @@ def segment_bounds(offsets: Tensor) -> list[tuple[int, int]]:
     return list(zip(o[:-1], o[1:]))
 
 
+def split_segments(x: Tensor, offsets: Tensor) -> tuple[Tensor, ...]:
+    """Per-segment views of a packed (T, ...) tensor.
+
+    ``torch.split`` has one backward that concatenates the segment gradients; indexing
+    ``x[a:b]`` per segment instead gives each slice a backward that zero-fills a full (T, ...)
+    gradient, which made a batch of B slides cost O(B * T) in the backward pass.
+    """
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    if sum(lengths) != x.shape[0]:
+        raise ValueError(f"offsets cover {sum(lengths)} rows, the tensor has {x.shape[0]}")
+    return torch.split(x, lengths)
+
+
 def alibi_bias(q_pos: Tensor, k_pos: Tensor, slopes: Tensor, dtype: torch.dtype) -> Tensor:
     """(H, Nq, Nk) additive bias ``-slope_h * ||q_pos - k_pos||``; rows/cols with NaN positions get 0.
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from torch.utils.checkpoint import checkpoint
 
-from slidefm.models.attention._common import alibi_bias, segment_bounds
+from slidefm.models.attention._common import alibi_bias, split_segments
 from slidefm.models.attention.sdpa import _attend
 
 NAME = "alibi_chunked"
@@ -44,19 +44,22 @@ def attention(
     *, chunk_size: int | None = None, max_bias_bytes: int = DEFAULT_MAX_BIAS_BYTES,
 ) -> Tensor:
     outs = []
-    for (qa, qb), (ka, kb) in zip(segment_bounds(q_offsets), segment_bounds(kv_offsets)):
-        n, m = qb - qa, kb - ka
+    segs = zip(split_segments(q, q_offsets), split_segments(k, kv_offsets), split_segments(v, kv_offsets))
+    qpos = split_segments(q_positions, q_offsets) if alibi_slopes is not None else None
+    kpos = split_segments(kv_positions, kv_offsets) if alibi_slopes is not None else None
+    for i, (qs, ks, vs) in enumerate(segs):
+        n, m = qs.shape[0], ks.shape[0]
         if n == 0:
             continue
         if alibi_slopes is None or m == 0:
-            outs.append(_attend(q[qa:qb], k[ka:kb], v[ka:kb]))
+            outs.append(_attend(qs, ks, vs))
             continue
-        ks, vs, kp = k[ka:kb], v[ka:kb], kv_positions[ka:kb]
+        qp, kp = qpos[i], kpos[i]
         c = chunk_size or pick_chunk(q.shape[1], m, q.element_size(), max_bias_bytes)
         recompute = torch.is_grad_enabled() and c < n and (q.requires_grad or k.requires_grad or v.requires_grad)
-        for s in range(qa, qb, c):
-            e = min(s + c, qb)
-            args = (q[s:e], ks, vs, q_positions[s:e], kp, alibi_slopes)
+        # split (not slicing) keeps the backward one concatenation per segment
+        for qc, pc in zip(qs.split(c), qp.split(c)):
+            args = (qc, ks, vs, pc, kp, alibi_slopes)
             outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slidefm.models.attention._common import segment_bounds
+from slidefm.models.attention._common import split_segments
 
 NAME = "sdpa"
 SUPPORTS_ALIBI = False
@@ -34,9 +34,9 @@ def attention(q, k, v, q_offsets, kv_offsets, q_positions=None, kv_positions=Non
     if alibi_slopes is not None:
         raise ValueError("the sdpa backend has no ALiBi; use 'alibi_chunked' or 'flex'")
     outs = [
-        _attend(q[qa:qb], k[ka:kb], v[ka:kb])
-        for (qa, qb), (ka, kb) in zip(segment_bounds(q_offsets), segment_bounds(kv_offsets))
-        if qb > qa
+        _attend(qs, ks, vs)
+        for qs, ks, vs in zip(split_segments(q, q_offsets), split_segments(k, kv_offsets), split_segments(v, kv_offsets))
+        if qs.shape[0] > 0
     ]
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])

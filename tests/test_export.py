@@ -1,0 +1,198 @@
+"""Export: checkpoint -> AnnData at slide and patient level, resumable, atomic, deterministic."""
+
+from __future__ import annotations
+
+import shutil
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import slidefm
+from slidefm.cli import main as cli
+from slidefm.config import register_configs
+
+TINY = ["model.aggregator.dim=32", "model.aggregator.depth=1", "model.aggregator.heads=2", "model.embed_dim=32",
+        "model.case.depth=1", "model.case.heads=2", "objectives.distillation.out_dim=64",
+        "objectives.distillation.hidden_dim=64", "objectives.distillation.bottleneck_dim=32",
+        "model.expression.hidden_dims=[32]", "data.batch_size=8", "trainer.progress_bar=false",
+        "data.expression.n_top_genes=100"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step house-recipe checkpoint (ViT + case transformer + text + expression towers)."""
+    from test_text import make_tiny_bert
+
+    from slidefm.train.run import train
+
+    base = tmp_path_factory.mktemp("export")
+    cohort = base / "cohort"
+    assert cli(["synth", str(cohort), "--patients", "24", "--seed", "5", "--dim", "32", "--genes", "200",
+                "--min-side", "10", "--max-side", "14"]) == 0
+    bert = make_tiny_bert(base / "bert")
+    register_configs()
+    with initialize_config_module("slidefm.recipes", version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=slidefm", f"data.cohort={cohort}", f"run_dir={base / 'run'}",
+                                           "trainer.max_steps=4", *TINY])
+    cfg.model.report.model_dir = str(bert)
+    cfg.model.report.max_length = 64
+    train(cfg)
+    return cohort, base / "run" / "checkpoints" / "last.ckpt", base
+
+
+def test_slide_export_cli_opens_in_scanpy_with_metadata(trained, tmp_path):
+    import pandas as pd
+    import scanpy as sc
+
+    cohort, ckpt, _ = trained
+    out = tmp_path / "slides.h5ad"
+    assert cli(["export", "--checkpoint", str(ckpt), "--cohort", str(cohort), "--out", str(out),
+                "--level", "slide", "--no-progress", "--num-workers", "0"]) == 0
+    a = sc.read_h5ad(out)
+    slides = pd.read_csv(cohort / "slides.csv")
+    assert list(a.obs_names) == slides["slide_id"].tolist()
+    for col in slides.columns.drop("slide_id"):
+        assert col in a.obs.columns
+    assert a.X.shape == (len(slides), 32) and np.isfinite(a.X).all()
+    assert a.uns["level"] == "slide" and a.uns["model"] == "slidefm"
+    assert len(a.uns["checkpoint_sha256"]) == 64 and "token_cap" in a.uns
+    assert not (tmp_path / "slides.h5ad.partial").exists()
+    sc.pp.neighbors(a, use_rep="X", n_neighbors=5)  # usable by scanpy as is
+
+
+def test_embed_slide_equals_batch_export(trained):
+    from slidefm.cohort import Cohort
+
+    cohort, ckpt, _ = trained
+    enc = slidefm.load(ckpt)
+    c = Cohort.open(cohort)
+    a = enc.embed_slides(c)
+    import h5py
+
+    for sid in c.slide_ids[:3]:
+        with h5py.File(cohort / "features" / f"{sid}.h5") as f:
+            feats, coords = f["features"][:], f["coords"][:]
+            ps = f["coords"].attrs.get("patch_size_level0")
+            overlap = f["coords"].attrs.get("overlap")
+            patch_size = f["coords"].attrs.get("patch_size")
+        one, tokens = enc.embed_slide(feats, coords, patch_size_level0=ps, overlap=overlap, patch_size=patch_size,
+                                      return_tokens=True)
+        assert tokens.shape == (len(feats), enc.dim)
+        np.testing.assert_allclose(one.numpy(), a[sid].X[0], rtol=1e-4, atol=1e-5)
+
+
+def test_export_is_deterministic_and_resumes_after_kill(trained, tmp_path, monkeypatch):
+    from slidefm.api import Encoder
+    from slidefm.export import ExportConfig
+
+    cohort, ckpt, _ = trained
+    cfg = ExportConfig(chunk_slides=4, batch_tokens=3000, num_workers=0, progress=False)
+    ref = slidefm.load(ckpt).embed_slides(str(cohort), cfg)
+    again = slidefm.load(ckpt).embed_slides(str(cohort), cfg)
+    np.testing.assert_array_equal(ref.X, again.X)
+
+    partial = tmp_path / "out.h5ad.partial"
+    calls = {"n": 0}
+    real = Encoder.encode_packed
+
+    def dying(self, packed, want_tokens=False):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, packed, want_tokens)
+
+    monkeypatch.setattr(Encoder, "encode_packed", dying)
+    with pytest.raises(KeyboardInterrupt):
+        slidefm.load(ckpt).embed_slides(str(cohort), cfg, partial_dir=partial)
+    done = sorted(partial.glob("chunk*.npz"))
+    assert 0 < len(done) < -(-ref.n_obs // 4)
+    monkeypatch.setattr(Encoder, "encode_packed", real)
+    counted = {"n": 0}
+
+    def counting(self, packed, want_tokens=False):
+        counted["n"] += packed.num_slides
+        return real(self, packed, want_tokens)
+
+    monkeypatch.setattr(Encoder, "encode_packed", counting)
+    resumed = slidefm.load(ckpt).embed_slides(str(cohort), cfg, partial_dir=partial)
+    assert counted["n"] == ref.n_obs - 4 * len(done)  # finished chunks were not re-encoded
+    np.testing.assert_array_equal(resumed.X, ref.X)
+
+
+def test_patient_export_uses_case_transformer_and_masks_missing_modalities(trained, tmp_path):
+    cohort, ckpt, _ = trained
+    out = tmp_path / "patients.h5ad"
+    assert cli(["export", "--checkpoint", str(ckpt), "--cohort", str(cohort), "--out", str(out),
+                "--level", "patient", "--no-progress", "--num-workers", "0"]) == 0
+    a = ad.read_h5ad(out)
+    from slidefm.cohort import Cohort
+
+    c = Cohort.open(cohort)
+    assert list(a.obs_names) == list(c.patient_ids)
+    assert a.uns["patient_pooling"] == "case_transformer"
+    assert (a.obs["n_slides"].to_numpy() == [len(c.slides_of(p)) for p in c.patient_ids]).all()
+    has = a.obs["has_expression"].to_numpy().astype(bool)
+    assert has.sum() == len(set(c.expression.obs_names) & set(c.patient_ids)) and (~has).any()
+    z = a.obsm["X_expression"]
+    assert np.isnan(z[~has]).all() and np.isfinite(z[has]).all()
+    # Patient embeddings do not depend on slide order within a patient (case transformer has no positions).
+    enc = slidefm.load(ckpt)
+    multi = [p for p in c.patient_ids if len(c.slides_of(p)) > 1]
+    assert multi
+    slide_emb = enc.embed_slides(c)
+    p = multi[0]
+    rows = [list(slide_emb.obs_names).index(s) for s in c.slides_of(p)]
+    x = torch.from_numpy(slide_emb.X[rows[::-1]])
+    with torch.inference_mode():
+        flipped = enc.model.encode_patients(x, torch.tensor([0, len(rows)])).numpy()[0]
+    np.testing.assert_allclose(flipped, a[p].X[0], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpointed_expression_transform_equals_training_and_reindexes_genes(trained, tmp_path):
+    from slidefm.cohort import Cohort
+    from slidefm.data.config import DataConfig, ExpressionDataConfig
+    from slidefm.data.tables import build_tables
+    from slidefm.modalities import ExpressionTransform, GeneMismatchWarning
+
+    cohort, ckpt, _ = trained
+    c = Cohort.open(cohort)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["slidefm"]["preprocessing"]["expression"]
+    fresh = build_tables(c, DataConfig(cohort=str(cohort), expression=ExpressionDataConfig(n_top_genes=100)),
+                         needs={"expression"})
+    x_train, present_train = fresh.tabular["expression"]
+    x_ckpt, present_ckpt = ExpressionTransform.from_state(state).transform(c.expression, list(c.patient_ids))
+    torch.testing.assert_close(x_ckpt, x_train, rtol=0, atol=0)
+    assert torch.equal(present_ckpt, present_train)
+
+    # A new cohort whose expression lacks 5 training genes and has 3 unknown ones.
+    other = tmp_path / "other"
+    shutil.copytree(cohort, other)
+    e = ad.read_h5ad(other / "expression.h5ad")
+    genes = list(ExpressionTransform.from_state(state).genes)
+    keep = [g for g in e.var_names if g not in genes[:5]]
+    e2 = e[:, keep].copy()
+    extra = ad.AnnData(np.ones((e2.n_obs, 3), np.float32), obs=e2.obs.copy())
+    extra.var_names = ["NEW1", "NEW2", "NEW3"]
+    e3 = ad.concat([e2, extra], axis=1, merge="same")
+    e3.write_h5ad(other / "expression.h5ad")
+    enc = slidefm.load(ckpt)
+    with pytest.warns(GeneMismatchWarning, match="5"):
+        a = enc.embed_patients(str(other))
+    has = a.obs["has_expression"].to_numpy().astype(bool)
+    assert np.isfinite(a.obsm["X_expression"][has]).all()
+
+
+def test_feature_width_mismatch_is_a_clear_error(trained, tmp_path, capsys):
+    cohort, ckpt, _ = trained
+    other = tmp_path / "d16"
+    assert cli(["synth", str(other), "--patients", "3", "--seed", "1", "--dim", "16", "--genes", "50",
+                "--min-side", "10", "--max-side", "10"]) == 0
+    rc = cli(["export", "--checkpoint", str(ckpt), "--cohort", str(other), "--out", str(tmp_path / "x.h5ad"),
+              "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "D=16" in err and "D=32" in err
+    assert not (tmp_path / "x.h5ad").exists()
