@@ -37,7 +37,8 @@ def to_config(config: Any):
     register_configs()
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
-    return OmegaConf.create(config)
+    # Merging onto the schema rejects unknown keys and fills options added after the checkpoint was written.
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), config)
 
 
 class SlideFMModule(pl.LightningModule):
