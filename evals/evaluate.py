@@ -74,7 +74,7 @@ def make_splits(td: TaskData, cfg: EvalConfig) -> list[Split]:
 def _classification(td: TaskData, splits: list[Split], cfg: EvalConfig, model: str, art: Artifacts,
                     text_encoder) -> list[dict]:
     t = td.task
-    y, n_classes = td.y, len(td.classes)
+    y = td.y
     out: list[dict] = []
 
     def cls_stat(proba):

@@ -6,7 +6,8 @@ import torch
 from slidefm.data.batch import PackedSlides, pack_slides
 from slidefm.models.aggregators import AGGREGATORS, build_aggregator
 from slidefm.models.aggregators.abmil import ABMILConfig, GatedABMIL
-from slidefm.models.aggregators.mean import MeanConfig, MeanPool, segment_index, segment_max, segment_softmax
+from slidefm.models.aggregators.mean import MeanConfig, MeanPool
+from slidefm.models.segments import segment_index, segment_max, segment_softmax
 from slidefm.models.aggregators.perceiver import PerceiverAggregator, PerceiverConfig
 from slidefm.models.aggregators.transmil import PPEG, TransMIL, TransMILConfig, grid_neighbours, sparse_depthwise_conv
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from slidefm.cohort import h5
-from slidefm.cohort.reader import Cohort, lines_of
+from slidefm.cohort.reader import Cohort
 from slidefm.errors import CohortError, Problem
 from slidefm.grid import GridError, coords_to_grid
 

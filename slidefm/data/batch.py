@@ -8,7 +8,7 @@ self-distillation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,7 +38,9 @@ class PackedSlides:
 
     def slide_index(self) -> Tensor:
         """(T,) index of the slide each token belongs to."""
-        return torch.repeat_interleave(torch.arange(self.num_slides, device=self.offsets.device), self.lengths)
+        from slidefm.models.segments import segment_index
+
+        return segment_index(self.offsets)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedSlides":
         def mv(t):

@@ -13,7 +13,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from slidefm.errors import SlidefmError
-from slidefm.models.aggregators.mean import segment_index, segment_max, segment_mean
+from slidefm.models.segments import segment_index, segment_max, segment_mean
 from slidefm.models.blocks import Block
 from slidefm.registry import Registry
 

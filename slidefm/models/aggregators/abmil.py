@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
-from slidefm.models.aggregators.mean import segment_index, segment_softmax, segment_sum
+from slidefm.models.segments import segment_index, segment_softmax, segment_sum
 
 __all__ = ["ABMILConfig", "GatedABMIL"]
 

@@ -12,7 +12,7 @@ import torch
 
 from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import Aggregator, AggregatorOutput
-from slidefm.models.aggregators.mean import segment_index, segment_mean
+from slidefm.models.segments import segment_index, segment_mean
 
 MODES = ("none", "center", "standardize")
 

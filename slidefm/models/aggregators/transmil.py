@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
-from slidefm.models.aggregators.mean import segment_index
+from slidefm.models.segments import segment_index
 from slidefm.models.blocks import Block
 
 __all__ = ["PPEG", "TransMIL", "TransMILConfig", "grid_neighbours", "sparse_depthwise_conv"]

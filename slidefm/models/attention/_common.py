@@ -28,12 +28,6 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def segment_bounds(offsets: Tensor) -> list[tuple[int, int]]:
-    """(start, end) per segment from a (B+1,) offsets tensor (one host sync)."""
-    o = offsets.tolist()
-    return list(zip(o[:-1], o[1:]))
-
-
 def split_segments(x: Tensor, offsets: Tensor) -> tuple[Tensor, ...]:
     """Per-segment views of a packed (T, ...) tensor.
 
