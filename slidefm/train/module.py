@@ -136,7 +136,11 @@ class SlideFMModule(pl.LightningModule):
                 self._rank_buf = []
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # The EMA teacher follows every optimizer step here, before any callback's
+        # on_train_batch_end: a checkpoint saved at a step boundary then holds a teacher that has
+        # seen that step, and resuming from it reproduces the uninterrupted run.
         if self.distillation is not None:
             self.distillation.update_teacher(self.distillation.momentum(self.global_step, self._total_steps()))
 

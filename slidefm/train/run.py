@@ -116,7 +116,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from slidefm.train.checkpoint_io import AtomicCheckpointIO
+    from slidefm.train.checkpoint_io import AtomicCheckpointIO, FinalCheckpoint
     from slidefm.train.preemption import PreemptionCheckpoint
     from slidefm.train.slurm import check_slurm_layout, cluster_plugins
 
@@ -130,6 +130,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
                         every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False),
         PreemptionCheckpoint(ckpt_dir),
+        FinalCheckpoint(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
     ]
     val_kw = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
@@ -141,6 +142,37 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         enable_progress_bar=t.progress_bar, plugins=[*cluster_plugins(), AtomicCheckpointIO()], num_sanity_val_steps=0,
         limit_val_batches=1.0, **val_kw,
     )
+
+
+def stash_metrics(log_dir: Path) -> None:
+    """Keep the metrics of earlier runs of this directory: Lightning's CSV logger overwrites metrics.csv."""
+    current = log_dir / "metrics.csv"
+    if current.exists():
+        k = len(list(log_dir.glob("metrics.part*.csv")))
+        os.replace(current, log_dir / f"metrics.part{k:03d}.csv")
+
+
+def merge_metrics(log_dir: Path) -> None:
+    """One metrics.csv over all runs of a resumed training; a later run supersedes the steps it repeated."""
+    import pandas as pd
+
+    from slidefm.io_utils import atomic_path
+
+    parts = sorted(log_dir.glob("metrics.part*.csv"))
+    if not parts:
+        return
+    frames = [pd.read_csv(p) for p in parts]
+    if (log_dir / "metrics.csv").exists():
+        frames.append(pd.read_csv(log_dir / "metrics.csv"))
+    merged = frames[0]
+    for f in frames[1:]:
+        if len(f) and "step" in f:
+            merged = merged[merged["step"] < f["step"].min()]
+        merged = pd.concat([merged, f], ignore_index=True)
+    with atomic_path(log_dir / "metrics.csv") as tmp:
+        merged.to_csv(tmp, index=False)
+    for p in parts:
+        p.unlink()
 
 
 def train(cfg: DictConfig) -> dict:
@@ -158,13 +190,16 @@ def train(cfg: DictConfig) -> dict:
     ckpt = resume_checkpoint(run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
+        if trainer.is_global_zero:
+            stash_metrics(run_dir / "logs")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.is_global_zero:
+        merge_metrics(run_dir / "logs")
     last = run_dir / "checkpoints" / "last.ckpt"
     preempted = any(getattr(cb, "preempted_by", 0) for cb in trainer.callbacks)
     if preempted:
         # last.ckpt was written at the step boundary after the signal; the job is requeued.
         return {"run_dir": str(run_dir), "checkpoint": str(last), "global_step": trainer.global_step,
                 "preempted": True}
-    trainer.save_checkpoint(str(last))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return {"run_dir": str(run_dir), "checkpoint": str(last), "global_step": trainer.global_step, **metrics}
