@@ -87,6 +87,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
             embs.append(slide)
             if want_tokens:
                 toks.extend(tokens)
+            _release_freed_memory()
             if pbar is not None:
                 pbar.update(len(batch))
         emb = np.concatenate(embs).astype(np.float32)
@@ -109,6 +110,21 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         all_tok.extend(t)
     d = encoder.dim
     return (np.concatenate(all_emb) if all_emb else np.zeros((0, d), np.float32)), all_tok
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS between chunks.
+
+    Batches of every size fragment glibc's heap, so resident memory would creep up with the number
+    of slides exported although nothing is kept; malloc_trim after each batch (milliseconds, against
+    seconds of compute) keeps it flat.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _budget_batches_stream(loader, batch_tokens: int):
