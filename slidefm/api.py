@@ -56,7 +56,7 @@ class Encoder:
         meta = ck["slidefm"]
         cfg = to_config(meta["config"])
         model = SlideFM(cfg.model, int(meta["in_dim"]), meta.get("modality_dims") or {},
-                        text_precomputed=_text_precomputed(cfg))
+                        text_precomputed=_text_precomputed(cfg), preprocessing=meta.get("preprocessing"))
         state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -42,9 +42,10 @@ def tiny_text_dir(tmp_path_factory):
     return make_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
-def compose_cfg(recipe: str, cohort, run_dir, *extra: str, text_dir=None):
+def compose_cfg(recipe: str, cohort, run_dir, *extra: str, text_dir=None, drop: tuple[str, ...] = ()):
     register_configs()
-    over = [f"recipe={recipe}", f"data.cohort={cohort}", f"run_dir={run_dir}", *TINY[recipe], *COMMON, *extra]
+    tiny = [o for o in TINY[recipe] if not o.startswith(drop)] if drop else TINY[recipe]
+    over = [f"recipe={recipe}", f"data.cohort={cohort}", f"run_dir={run_dir}", *tiny, *COMMON, *extra]
     with initialize_config_module("slidefm.recipes", version_base="1.3"):
         cfg = compose("config", overrides=over)
     if text_dir is not None and cfg.model.report is not None:
@@ -132,3 +133,27 @@ def test_bad_cohort_fails_before_training(cohort, tmp_path):
     with pytest.raises(CohortError, match=victim.stem):
         train(compose_cfg("mstar", bad, tmp_path / "run", "trainer.max_steps=2"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_geneset_transformer_gets_the_fitted_gene_order(cohort, tmp_path):
+    """Gene sets name genes; the tower must map them through the training transform's gene order."""
+    import anndata as ad
+
+    import slidefm
+    from slidefm.api import load_checkpoint
+    from slidefm.train.run import train
+
+    names = list(ad.read_h5ad(cohort / "expression.h5ad").var_names)
+    sets = {f"s{i}": names[i::5] for i in range(5)}
+    cfg = compose_cfg("threads", cohort, tmp_path, "trainer.max_steps=2", "model/expression=geneset_transformer",
+                      "data.expression.n_top_genes=50", "model.expression.dim=16", "model.expression.heads=2",
+                      drop=("model.expression.",))
+    cfg.model.expression.gene_sets = sets
+    train(cfg)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    fitted = load_checkpoint(ckpt)["slidefm"]["preprocessing"]["expression"]["genes"]
+    tower = slidefm.load(ckpt).model.towers["expression"]
+    assert list(tower.set_names) == list(sets)
+    for s, name in enumerate(tower.set_names):
+        members = {fitted[g] for g in tower.gene_of[tower.set_of == s].tolist()}
+        assert members and members <= set(sets[name])

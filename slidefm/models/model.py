@@ -15,11 +15,12 @@ class SlideFM(nn.Module):
     """Slides -> slide embeddings -> patient embeddings; modality rows -> embeddings in one shared space.
 
     ``modality_dims`` gives each tabular modality's input width and, for a precomputed (frozen)
-    text tower, the width of its cached embeddings under the key ``report``.
+    text tower, the width of its cached embeddings under the key ``report``; ``preprocessing`` holds
+    the fitted transforms (their gene order feeds gene-set tokenisation).
     """
 
     def __init__(self, cfg: Any, in_dim: int, modality_dims: dict[str, int] | None = None,
-                 text_precomputed: bool = True):
+                 text_precomputed: bool = True, preprocessing: dict | None = None):
         super().__init__()
         from slidefm.modalities import MODALITY_ENCODERS
 
@@ -54,7 +55,12 @@ class SlideFM(nn.Module):
         for name, ecfg in tab.items():
             if name not in modality_dims:
                 continue
-            self.towers[name] = MODALITY_ENCODERS.build(ecfg, in_dim=modality_dims[name], out_dim=self.embed_dim)
+            extra = {}
+            if config_to_dict(ecfg).get("name") == "geneset_transformer":
+                # gene sets are matched against the fitted transform's gene order
+                extra["genes"] = list((preprocessing or {}).get(name, {}).get("genes") or [])
+            self.towers[name] = MODALITY_ENCODERS.build(ecfg, in_dim=modality_dims[name], out_dim=self.embed_dim,
+                                                        **extra)
 
     @property
     def dim(self) -> int:

@@ -52,7 +52,8 @@ class SlideFMModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = cfg = to_config(config)
-        self.model = SlideFM(cfg.model, in_dim, modality_dims, text_precomputed=text_precomputed)
+        self.model = SlideFM(cfg.model, in_dim, modality_dims, text_precomputed=text_precomputed,
+                             preprocessing=preprocessing)
         from slidefm.objectives import OBJECTIVES
 
         obj = cfg.objectives
