@@ -157,3 +157,21 @@ def test_geneset_transformer_gets_the_fitted_gene_order(cohort, tmp_path):
     for s, name in enumerate(tower.set_names):
         members = {fitted[g] for g in tower.gene_of[tower.set_of == s].tolist()}
         assert members and members <= set(sets[name])
+
+
+def test_trainable_text_tower_trains_and_embeds_text(cohort, tiny_text_dir, tmp_path):
+    """Reports tokenised in the loader and encoded by a fine-tuned tower; export's embed_text uses it."""
+    import slidefm
+    from slidefm.train.run import train
+
+    cfg = compose_cfg("mstar", cohort, tmp_path, "trainer.max_steps=2", "model.report.trainable=last_n",
+                      "model.report.n_trainable_layers=1", text_dir=tiny_text_dir)
+    out = train(cfg)
+    assert out["global_step"] == 2
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    backbone = [k for k in state if k.startswith("model.towers.report.backbone.")]
+    assert backbone  # the text backbone is part of the trained model
+    enc = slidefm.load(ckpt)
+    z = enc.embed_text(["grade 3 carcinoma", "benign tissue"])
+    assert z.shape == (2, 32) and torch.isfinite(z).all()
