@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slidefm.errors import CohortError, SlidefmError
+from slidefm.io_utils import atomic_path
 
 log = logging.getLogger("slidefm.train")
 
@@ -47,7 +48,7 @@ def text_embeddings(cfg, texts: list[str | None], cache_dir: Path) -> torch.Tens
     return out
 
 
-def build_everything(cfg: DictConfig, run_dir: Path):
+def build_everything(cfg: DictConfig):
     """Cohort -> tables -> LightningModule + DataModule (no training)."""
     from slidefm.cohort import Cohort
     from slidefm.data.dataset import Collate, PatientDataset
@@ -156,8 +157,6 @@ def merge_metrics(log_dir: Path) -> None:
     """One metrics.csv over all runs of a resumed training; a later run supersedes the steps it repeated."""
     import pandas as pd
 
-    from slidefm.io_utils import atomic_path
-
     parts = sorted(log_dir.glob("metrics.part*.csv"))
     if not parts:
         return
@@ -181,11 +180,12 @@ def train(cfg: DictConfig) -> dict:
     from slidefm.train.slurm import resume_checkpoint
 
     run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    module, datamodule, _ = build_everything(cfg, run_dir)
+    module, datamodule, _ = build_everything(cfg)  # validates the cohort before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer = make_trainer(cfg, run_dir)
     ckpt = resume_checkpoint(run_dir)
     if ckpt:
