@@ -40,8 +40,6 @@ def run(args) -> int:
 
 
 def run_demo(cfg: DemoConfig, cli=None) -> int:
-    import pandas as pd
-
     import slidefm
     from slidefm.commands.train import hydra_main
     from slidefm.evals import EvalConfig, evaluate
@@ -70,7 +68,7 @@ def run_demo(cfg: DemoConfig, cli=None) -> int:
     # The probes that answer "did pretraining help?"; `slidefm eval` runs the full protocol set.
     ev = EvalConfig(protocols=["linear_probe", "cox", "robustness"])
     res = evaluate(str(emb_path), str(cohort), out=out / "eval", config=ev, text_encoder=None)
-    table = res.results if hasattr(res, "results") else pd.read_csv(out / "eval" / "results.csv")
+    table = res.results
     summary = (out / "eval" / "summary.md").read_text()
     # The headline tables; summary.md has the per-site drops and tuned hyperparameters too.
     print(summary.split("\nLeave-one-site-out")[0].strip())

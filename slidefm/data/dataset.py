@@ -41,13 +41,12 @@ def select_tokens(n: int, positions: np.ndarray, cfg: DataConfig, rng: np.random
 
 class PatientDataset(Dataset):
     def __init__(self, reader, patient_ids: list[str], slides_of: dict[str, list[str]], cfg: DataConfig,
-                 train: bool = True, epoch: int = 0):
+                 train: bool = True):
         self.reader = reader
         self.patient_ids = list(patient_ids)
         self.slides_of = slides_of
         self.cfg = cfg
         self.train = train
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -56,7 +55,7 @@ class PatientDataset(Dataset):
         if isinstance(key, (tuple, list)):
             index, seed = int(key[0]), int(key[1])
         else:
-            index, seed = int(key), item_seed(self.cfg.seed, self.epoch, int(key))
+            index, seed = int(key), item_seed(self.cfg.seed, 0, int(key))  # direct indexing: epoch 0
         if not self.train:
             # Validation sees the same views and tokens every epoch.
             seed = item_seed(self.cfg.seed, 2**31 - 1, index)
@@ -105,6 +104,7 @@ class Collate:
     def __init__(self, tables: PatientTables, text_tokenizer=None):
         self.tables = tables
         self.text_tokenizer = text_tokenizer
+        self.report_present = tables.report_present if tables.report_texts is not None else None
 
     def __call__(self, items: list[dict]) -> Batch:
         t = self.tables
@@ -115,7 +115,7 @@ class Collate:
         rows = t.rows(pids)
         mods: dict[str, Modality] = {}
         if t.report_texts is not None:
-            present = t.report_present[rows]
+            present = self.report_present[rows]
             if t.report_embeddings is not None:
                 mods["report"] = Modality(t.report_embeddings[rows], present)
             elif self.text_tokenizer is not None:

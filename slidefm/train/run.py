@@ -141,7 +141,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         logger=CSVLogger(str(run_dir), name="logs", version=""), callbacks=callbacks, deterministic=t.deterministic,
         enable_progress_bar=t.progress_bar, plugins=[*cluster_plugins(), AtomicCheckpointIO()], num_sanity_val_steps=0,
-        limit_val_batches=1.0, **val_kw,
+        **val_kw,
     )
 
 
