@@ -21,7 +21,7 @@ class ExpertConfig:
     loss: str = field(default="cosine", metadata={"help": "cosine | smooth_l1 (on layer-normed targets)"})
     hidden_dim: int = field(default=0, metadata={"help": "0: linear projection; >0: one hidden layer"})
     smooth_l1_beta: float = 1.0
-    expert_weights: Optional[Dict[str, float]] = None
+    expert_weights: Dict[str, float] = field(default_factory=dict, metadata={"help": "expert name -> loss weight (default 1)"})
 
 
 class ExpertDistillation(nn.Module):

@@ -29,7 +29,7 @@ class SupervisedConfig:
     n_bins: int = field(default=4, metadata={"help": "discrete-time survival bins (quantiles of event times)"})
     hidden_dim: int = field(default=0, metadata={"help": "0: linear heads; >0: one hidden layer"})
     dropout: float = 0.0
-    task_weights: Optional[Dict[str, float]] = None
+    task_weights: Dict[str, float] = field(default_factory=dict, metadata={"help": "task name -> loss weight (default 1; 0 drops a task)"})
 
 
 @dataclass

@@ -36,8 +36,9 @@ def run(model, x):
 
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_packed_equals_per_slide(pos, pool):
-    m, x = make_model(pos, pool=pool), slides()
+@pytest.mark.parametrize("peg", [0, 3])
+def test_packed_equals_per_slide(pos, pool, peg):
+    m, x = make_model(pos, pool=pool, peg=peg), slides()
     out = run(m, x)
     assert out.slide.shape == (3, 32) and out.tokens.shape == (x.tokens.shape[0], 32)
     for i in range(x.num_slides):
@@ -48,8 +49,9 @@ def test_packed_equals_per_slide(pos, pool):
 
 
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
-def test_token_order_inside_slide_is_irrelevant(pos):
-    m, x = make_model(pos), slides((9, 5))
+@pytest.mark.parametrize("peg", [0, 3])
+def test_token_order_inside_slide_is_irrelevant(pos, peg):
+    m, x = make_model(pos, peg=peg), slides((9, 5))
     perm = torch.cat([torch.randperm(9, generator=torch.Generator().manual_seed(3)),
                       9 + torch.randperm(5, generator=torch.Generator().manual_seed(4))])
     y = PackedSlides(x.tokens[perm], x.positions[perm], x.offsets)
@@ -142,3 +144,47 @@ def test_rope_vit_is_translation_invariant_per_slide():
     b = vit(pack_slides(f, [p[0] + torch.tensor([37, 5]), p[1] - 3]))
     torch.testing.assert_close(b.slide, a.slide, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b.tokens, a.tokens, rtol=1e-4, atol=1e-5)
+
+
+def test_peg_is_a_depthwise_conv_on_the_true_grid():
+    """GridPEG == x + zero-padded depthwise conv2d over each slide's dense grid, forward and backward."""
+    from slidefm.models.grid_conv import GridPEG
+    from slidefm.models.segments import segment_index
+
+    torch.manual_seed(0)
+    c = 6
+    peg = GridPEG(c, 3).double()
+    x = slides((14, 1, 20))
+    x.positions[15:] += torch.tensor([9, -4])  # slides sit anywhere on their own grid
+    feats = torch.randn(x.tokens.shape[0], c, dtype=torch.double, requires_grad=True)
+    out = peg(feats, x.positions, segment_index(x.offsets))
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, groups=c, bias=True).double()
+    with torch.no_grad():
+        conv.weight.copy_(peg.weight.t().reshape(c, 1, 3, 3))
+        conv.bias.copy_(peg.bias)
+    ref = []
+    for i in range(x.num_slides):
+        a, b = int(x.offsets[i]), int(x.offsets[i + 1])
+        p = x.positions[a:b] - x.positions[a:b].min(0).values
+        w, h = (p.max(0).values + 1).tolist()
+        grid = torch.zeros(h * w, c, dtype=torch.double).index_add(0, p[:, 1] * w + p[:, 0], feats[a:b])
+        img = grid.t().reshape(1, c, h, w)
+        y = img + conv(img)
+        ref.append(y[0].reshape(c, h * w).t()[p[:, 1] * w + p[:, 0]])
+    ref = torch.cat(ref)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (feats, peg.weight), g)
+    want = torch.autograd.grad(ref, (feats, conv.weight), g)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1].reshape(c, 9).t())
+
+
+def test_peg_makes_arrangement_visible_to_an_alibi_vit():
+    """With ALiBi alone a grid flip is an exact no-op; the conv position encoding is axis-aware."""
+    x = slides()
+    y = PackedSlides(x.tokens, _flip(x.positions), x.offsets)
+    m = make_model("alibi", peg=3)
+    assert (run(m, y).slide - run(m, x).slide).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="odd"):
+        make_model("rope", peg=2)

@@ -2,7 +2,8 @@
 
 Input projection D_in -> dim, learned mask token for ``x.token_mask``, one CLS (+ optional
 registers) per slide inserted in front of its patch tokens, relative positions only (2-D RoPE or
-2-D ALiBi on grid cells; CLS/registers have none), pre-norm blocks, final LayerNorm.
+2-D ALiBi on grid cells; CLS/registers have none), optionally a depthwise-conv position
+encoding on the true grid before the blocks (``peg``), pre-norm blocks, final LayerNorm.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
 from slidefm.models.blocks import Block
+from slidefm.models.grid_conv import GridPEG
 
 
 @dataclass
@@ -32,13 +34,14 @@ class ViTConfig:
     backend: str = "auto"  # attention backend, see slidefm.models.attention
     grad_checkpointing: bool = False
     pool: str = "cls"  # "cls" | "mean" (mean of patch-token outputs)
+    peg: int = 0  # kernel of a conditional position encoding on the grid before the blocks (0: off; 3, 5, ..)
 
 
 @AGGREGATORS.register("vit", config=ViTConfig)
 class ViTAggregator(Aggregator):
     def __init__(self, in_dim: int, dim: int = 384, depth: int = 6, heads: int = 6, mlp_ratio: float = 4.0,
                  pos: str = "rope", num_registers: int = 0, drop_path: float = 0.0, layerscale: float | None = None,
-                 backend: str = "auto", grad_checkpointing: bool = False, pool: str = "cls"):
+                 backend: str = "auto", grad_checkpointing: bool = False, pool: str = "cls", peg: int = 0):
         super().__init__()
         if pos not in ("rope", "alibi"):
             raise ValueError(f"pos must be 'rope' or 'alibi', got '{pos}'")
@@ -47,6 +50,7 @@ class ViTAggregator(Aggregator):
         self.in_dim, self.dim, self.pool, self.num_prefix = in_dim, dim, pool, 1 + num_registers
         self.proj = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.peg = GridPEG(dim, peg) if peg else None
         self.cls_token = nn.Parameter(torch.zeros(1, dim))
         self.registers = nn.Parameter(torch.zeros(num_registers, dim))
         rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path] * depth
@@ -80,6 +84,9 @@ class ViTAggregator(Aggregator):
         lens = offsets[1:] - offsets[:-1]
         seq_offsets = offsets + P * torch.arange(B + 1, device=dev)
         slide_of = torch.repeat_interleave(torch.arange(B, device=dev), lens, output_size=T)
+        if self.peg is not None:
+            # masked tokens see their neighbours here: that is what masked prediction asks of them
+            h = self.peg(h, x.positions.to(dev), slide_of)
         patch_idx = torch.arange(T, device=dev) + P * (slide_of + 1)  # where each patch lands
         prefix_idx = (seq_offsets[:-1, None] + torch.arange(P, device=dev)).reshape(-1)  # CLS at 0, then registers
 
