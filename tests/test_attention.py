@@ -161,12 +161,14 @@ def test_alibi_never_builds_full_bias(monkeypatch):
     n, h = 200, 4
     q, k, v = make_qkv(n, n, h=h, dtype=torch.float32)
     pos = grid_positions(n).float()
-    shapes = []
+    shapes, ptrs = [], set()
     real = chunked_mod.alibi_bias
 
-    def spy(qp, kp, slopes, dtype):
+    def spy(qp, kp, slopes, dtype, **kw):
         shapes.append((qp.shape[0], kp.shape[0]))
-        return real(qp, kp, slopes, dtype)
+        out = real(qp, kp, slopes, dtype, **kw)
+        ptrs.add(out.data_ptr())
+        return out
 
     monkeypatch.setattr(chunked_mod, "alibi_bias", spy)
     budget = 256 * 1024
@@ -176,6 +178,7 @@ def test_alibi_never_builds_full_bias(monkeypatch):
                                       max_bias_bytes=budget)
     assert 1 < chunk < n and max(r for r, _ in shapes) == chunk and sum(r for r, _ in shapes) == n
     assert (h + 2) * chunk * n * 4 <= budget
+    assert len(shapes) > 1 and len(ptrs) == 1  # inference reuses one bias buffer for every chunk
     ref = dense_reference(q.double(), k.double(), v.double(), offsets_of([n]), offsets_of([n]), pos, pos, alibi_slopes(h))
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 

@@ -41,21 +41,30 @@ def split_segments(x: Tensor, offsets: Tensor) -> tuple[Tensor, ...]:
     return torch.split(x, lengths)
 
 
-def alibi_bias(q_pos: Tensor, k_pos: Tensor, slopes: Tensor, dtype: torch.dtype) -> Tensor:
+def alibi_bias(q_pos: Tensor, k_pos: Tensor, slopes: Tensor, dtype: torch.dtype, out: Tensor | None = None,
+               scratch: Tensor | None = None) -> Tensor:
     """(H, Nq, Nk) additive bias ``-slope_h * ||q_pos - k_pos||``; rows/cols with NaN positions get 0.
 
     Distances are accumulated per axis to keep the intermediates at (Nq, Nk), never (Nq, Nk, 2).
+    ``out`` (H, Nq, Nk) of ``dtype`` and ``scratch`` (2, Nq, Nk) of the working dtype (float32, or float64
+    for float64) are reused buffers: writing a fresh multi-hundred-MB bias costs more in page faults
+    than in arithmetic, so inference loops over query chunks pass the same buffers every time.
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32  # float32 at least, for half inputs
     qp = q_pos.to(work)
     kp = k_pos.to(work)
-    dx = qp[:, None, 0] - kp[None, :, 0]
-    dist = dx.square_()
-    dy = qp[:, None, 1] - kp[None, :, 1]
-    dist.add_(dy.square_())
-    del dx, dy
+    shape = (qp.shape[0], kp.shape[0])
+    if scratch is None:
+        scratch = torch.empty((2, *shape), dtype=work, device=qp.device)
+    dist, dy = scratch[0], scratch[1]
+    torch.sub(qp[:, None, 0], kp[None, :, 0], out=dist).square_()
+    torch.sub(qp[:, None, 1], kp[None, :, 1], out=dy).square_()
+    dist.add_(dy)
+    del dy
     dist.sqrt_()
     # NaN marks tokens without a position (CLS, registers): spatially neutral.
     dist.nan_to_num_(nan=0.0)
-    bias = slopes.to(device=dist.device, dtype=work).neg().view(-1, 1, 1) * dist
-    return bias.to(dtype)
+    neg = slopes.to(device=dist.device, dtype=work).neg().view(-1, 1, 1)
+    if out is None:
+        return (neg * dist).to(dtype)
+    return torch.mul(neg, dist[None], out=out)

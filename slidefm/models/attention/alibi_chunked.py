@@ -29,13 +29,19 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def pick_chunk(num_heads: int, num_keys: int, itemsize: int, max_bias_bytes: int = DEFAULT_MAX_BIAS_BYTES) -> int:
     """Largest query chunk whose (heads, chunk, keys) bias fits in ``max_bias_bytes``."""
-    # +2: the float32 distance intermediates live alongside the per-head bias.
+    # +2: the two float32 distance intermediates live alongside the per-head bias.
     per_query = max(1, (num_heads + 2) * num_keys * max(itemsize, 4))
     return max(MIN_CHUNK, max_bias_bytes // per_query)
 
 
-def _chunk(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, slopes: Tensor) -> Tensor:
-    bias = alibi_bias(q_pos, k_pos, slopes, q.dtype)
+def _chunk(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, slopes: Tensor,
+           buffers: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    if buffers is None:
+        bias = alibi_bias(q_pos, k_pos, slopes, q.dtype)
+    else:
+        h, n, m = slopes.numel(), q_pos.shape[0], k_pos.shape[0]
+        bias = alibi_bias(q_pos, k_pos, slopes, q.dtype, out=buffers[0][: h * n * m].view(h, n, m),
+                          scratch=buffers[1][: 2 * n * m].view(2, n, m))
     return _attend(q, k, v, attn_mask=bias[None])
 
 
@@ -56,11 +62,20 @@ def attention(
             continue
         qp, kp = qpos[i], kpos[i]
         c = chunk_size or pick_chunk(q.shape[1], m, q.element_size(), max_bias_bytes)
-        recompute = torch.is_grad_enabled() and c < n and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        recompute = grad and c < n
+        buffers = None
+        if not grad and c < n:
+            # Without autograd nothing keeps a chunk's bias alive: one buffer serves every chunk.
+            c = min(c, n)
+            work = torch.float64 if q.dtype == torch.float64 else torch.float32
+            buffers = (q.new_empty(alibi_slopes.numel() * c * m), torch.empty(2 * c * m, dtype=work, device=q.device))
         # split (not slicing) keeps the backward one concatenation per segment
         for qc, pc in zip(qs.split(c), qp.split(c)):
-            args = (qc, ks, vs, pc, kp, alibi_slopes)
-            outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
+            if recompute:
+                outs.append(checkpoint(_chunk, qc, ks, vs, pc, kp, alibi_slopes, use_reentrant=False))
+            else:
+                outs.append(_chunk(qc, ks, vs, pc, kp, alibi_slopes, buffers))
     if not outs:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
