@@ -97,3 +97,30 @@ def write_cohort(tmp_path: Path, n_slides: int = 6, slides_per_patient: int = 2,
 @pytest.fixture
 def cohort_dir(tmp_path) -> Path:
     return write_cohort(tmp_path)
+
+
+# A tiny BERT saved the way users save theirs: every text-tower test loads it through the same
+# local-directory path as a real encoder (nothing is downloaded).
+TEXT_WORDS = ("the a of with and no is in tumor tumour carcinoma invasive ductal lobular grade benign tissue margin "
+              "margins negative positive lymph node nodes metastasis breast biopsy").split()
+
+
+def _make_tiny_bert(d, seed: int = 0, layers: int = 3):
+    """A BertModel (hidden 32) + WordPiece tokenizer over TEXT_WORDS, saved to ``d``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *list("0123456789"), *TEXT_WORDS, "##s", "##ed"]
+    d.mkdir(parents=True, exist_ok=True)
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(d))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    BertModel(cfg).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_tiny_bert():
+    """Factory ``make_tiny_bert(dir, seed=0, layers=3) -> dir``."""
+    return _make_tiny_bert

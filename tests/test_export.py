@@ -22,10 +22,8 @@ TINY = ["model.aggregator.dim=32", "model.aggregator.depth=1", "model.aggregator
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_tiny_bert):
     """A 4-step house-recipe checkpoint (ViT + case transformer + text + expression towers)."""
-    from test_text import make_tiny_bert
-
     from slidefm.train.run import train
 
     base = tmp_path_factory.mktemp("export")

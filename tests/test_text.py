@@ -15,8 +15,6 @@ from slidefm.errors import SlidefmError
 from slidefm.modalities import MODALITY_ENCODERS, TextEmbeddingCache, TextEncoder, find_encoder_layers
 from slidefm.modalities import text as text_mod
 
-WORDS = ("the a of with and no is in tumor tumour carcinoma invasive ductal lobular grade benign tissue margin "
-         "margins negative positive lymph node nodes metastasis breast biopsy").split()
 TEXTS = [
     "invasive ductal carcinoma grade 3 , margins negative .",
     "benign breast tissue .",
@@ -25,22 +23,8 @@ TEXTS = [
 ]
 
 
-def make_tiny_bert(d, seed: int = 0, layers: int = 3):
-    """A tiny BertModel + WordPiece tokenizer saved the way users save theirs."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *list("0123456789"), *WORDS, "##s", "##ed"]
-    d.mkdir(parents=True, exist_ok=True)
-    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(d))
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=512)
-    BertModel(cfg).save_pretrained(str(d))
-    return d
-
-
 @pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
+def bert_dir(tmp_path_factory, make_tiny_bert):
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
@@ -127,7 +111,7 @@ def test_freezing_modes(bert_dir):
         find_encoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_cache_hit_equals_fresh_and_key_changes(bert_dir, tmp_path, monkeypatch):
+def test_cache_hit_equals_fresh_and_key_changes(bert_dir, tmp_path, monkeypatch, make_tiny_bert):
     enc = TextEncoder(bert_dir, pooling="mean", max_length=32, out_dim=6)
     cache = TextEmbeddingCache(tmp_path / "cache")
     first = cache.get_or_compute(enc, TEXTS, batch_size=3)

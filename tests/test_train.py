@@ -36,9 +36,7 @@ def cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_text_dir(tmp_path_factory):
-    from test_text import make_tiny_bert
-
+def tiny_text_dir(tmp_path_factory, make_tiny_bert):
     return make_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
