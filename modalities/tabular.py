@@ -29,17 +29,22 @@ class MLPEncoderConfig:
     out_dim: int = field(default=256, metadata={"help": "embedding width"})
     hidden_dims: list[int] = field(default_factory=lambda: [512], metadata={"help": "hidden layer widths"})
     dropout: float = field(default=0.1, metadata={"help": "dropout after each hidden layer"})
+    input_dropout: float = field(default=0.0, metadata={
+        "help": "dropout on the input features (genes) while training: the embedding must rest on signals "
+                "many features share (pathways), not on any one gene's noise"})
 
 
 @MODALITY_ENCODERS.register("mlp", config=MLPEncoderConfig)
 class MLPEncoder(nn.Module):
-    """LayerNorm on the input, then (Linear, GELU, Dropout) per hidden width, then Linear to out_dim."""
+    """(Input dropout), LayerNorm on the input, then (Linear, GELU, Dropout) per hidden width, then Linear to out_dim."""
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dims: Sequence[int] = (512,), dropout: float = 0.1):
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dims: Sequence[int] = (512,), dropout: float = 0.1,
+                 input_dropout: float = 0.0):
         super().__init__()
         _check_dims(in_dim, out_dim)
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        layers: list[nn.Module] = [nn.LayerNorm(self.in_dim)]
+        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        layers.append(nn.LayerNorm(self.in_dim))
         d = self.in_dim
         for h in hidden_dims:
             layers += [nn.Linear(d, int(h)), nn.GELU(), nn.Dropout(dropout)]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from slidefm.data.batch import PackedSlides
+from slidefm.models.segments import segment_mean
 from slidefm.objectives import distributed as D
 
 
@@ -47,6 +48,10 @@ class DistillationConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.0
+    feature_weight: float = field(default=0.0, metadata={
+        "help": "masked feature modelling: regress the input features at masked tokens (MAE-style, as "
+                "Prov-GigaPath); a target that is informative from the first step, unlike the EMA teacher's"})
+    feature_hidden_dim: int = field(default=0, metadata={"help": "masked-feature decoder hidden width (0: linear)"})
     n_global: int = field(default=2, metadata={"help": "global views per slide, when Views does not say"})
 
 
@@ -318,11 +323,21 @@ class MaskedSelfDistillation(nn.Module):
         dino_weight: float = 1.0,
         ibot_weight: float = 1.0,
         koleo_weight: float = 0.0,
+        feature_weight: float = 0.0,
+        feature_hidden_dim: int = 0,
         n_global: int = 2,
     ):
         super().__init__()
         student = _unwrap(student)
         dim = int(student.dim)
+        self.feature_head = None
+        if feature_weight > 0:
+            in_dim = int(student.in_dim)
+            layers: list[nn.Module] = [nn.LayerNorm(dim)]
+            if feature_hidden_dim:
+                layers += [nn.Linear(dim, feature_hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(feature_hidden_dim or dim, in_dim))
+            self.feature_head = nn.Sequential(*layers)
         patch_out_dim = out_dim if patch_out_dim is None else patch_out_dim
         if not separate_ibot_head and patch_out_dim != out_dim:
             raise ValueError("a shared DINO/iBOT head needs patch_out_dim == out_dim")
@@ -345,6 +360,7 @@ class MaskedSelfDistillation(nn.Module):
         self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
         self.momentum_start, self.momentum_end = momentum_start, momentum_end
         self.dino_weight, self.ibot_weight, self.koleo_weight = dino_weight, ibot_weight, koleo_weight
+        self.feature_weight = feature_weight
         self.n_global = n_global
         # Optimizer steps taken (drives the teacher-temperature schedule; checkpointed for resume).
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -423,15 +439,33 @@ class MaskedSelfDistillation(nn.Module):
             koleo = sum(self.koleo_loss(z[:, v]) for v in range(n_global)) / n_global
         else:
             koleo = s_out.slide.sum() * 0.0
-        loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
+        feat = self._masked_features(g, s_out.tokens[: g.tokens.shape[0]], masked, n_views)
+        loss = (self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
+                + self.feature_weight * feat)
         return {
             "loss": loss,
             "dino": dino.detach(),
             "ibot": ibot.detach(),
             "koleo": koleo.detach(),
+            "features": feat.detach(),
             "teacher_temp": temp,
             "n_masked": int(masked.numel()),
         }
+
+
+    def _masked_features(self, g: PackedSlides, tokens: Tensor, masked: Tensor, n_views: int) -> Tensor:
+        """MSE between decoded student tokens and the view-centred, per-token normalised input at masked tokens.
+
+        Centring per view matches what a per-slide input normalisation shows the student; the
+        per-token normalisation (MAE's normalised-pixel target) keeps the loss scale independent of
+        the patch encoder's feature scale.
+        """
+        if self.feature_head is None or masked.numel() == 0:
+            return tokens.sum() * 0.0
+        x = g.tokens.float()
+        seg = g.slide_index().to(x.device)
+        target = F.layer_norm((x - segment_mean(x, seg, n_views)[seg])[masked], (x.shape[1],))
+        return F.mse_loss(self.feature_head(tokens[masked]).float(), target)
 
 
 def build_distillation(student: nn.Module, weight: float = 1.0, **kwargs) -> MaskedSelfDistillation:

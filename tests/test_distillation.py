@@ -269,3 +269,41 @@ def test_expert_distillation_cosine_and_smooth_l1_with_missing_rows():
     torch.testing.assert_close(out["loss"], ref)
     with pytest.raises(KeyError):
         sl(z, {"unknown": titan})
+
+
+def test_masked_feature_modelling_targets_and_gradients():
+    agg, obj = small_objective(dino_weight=0.0, ibot_weight=0.0, feature_weight=1.0)
+    views = make_views()
+    g = views.global_views
+    mask = g.token_mask
+    out = obj(agg, views)
+    # by hand: per-view centred, per-token layer-normalised input features at the masked tokens
+    seg = g.slide_index()
+    x = g.tokens
+    centred = torch.cat([x[seg == v] - x[seg == v].mean(0) for v in range(g.num_slides)])
+    target = F.layer_norm(centred[mask], (x.shape[1],))
+    with torch.no_grad():  # (keeps agg.last_tokens from the objective's own pass)
+        pred = obj.feature_head(agg(g).tokens[mask])
+    torch.testing.assert_close(out["features"].detach(), F.mse_loss(pred, target))
+    torch.testing.assert_close(out["loss"], out["features"])
+    out["loss"].backward()
+    grads = agg.last_tokens.grad
+    n_glob = len(mask)
+    assert grads[:n_glob][mask].abs().sum() > 0 and grads[:n_glob][~mask].abs().sum() == 0
+    assert obj.feature_head[-1].weight.grad is not None
+    # a shift shared by a whole view (scanner, site) does not change the target
+    shifted = Views(PackedSlides(x + torch.randn(g.num_slides, 8)[seg] * 3, g.positions, g.offsets, mask, g.slide_ids),
+                    views.local_views, 2, 2)
+    with torch.no_grad():
+        again = obj._masked_features(shifted.global_views, agg(g).tokens, torch.nonzero(mask)[:, 0], g.num_slides)
+    torch.testing.assert_close(again, out["features"])
+    # it is learnable: a few steps on one batch reduce it
+    opt = torch.optim.Adam(list(agg.parameters()) + list(obj.feature_head.parameters()), lr=1e-2)
+    first = float(out["features"])
+    for _ in range(30):
+        loss = obj(agg, views)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(obj(agg, views)["features"]) < 0.8 * first
+    assert small_objective()[1].feature_head is None  # off unless asked for
