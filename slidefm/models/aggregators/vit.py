@@ -8,7 +8,7 @@ encoding on the true grid before the blocks (``peg``), pre-norm blocks, final La
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
@@ -34,7 +34,8 @@ class ViTConfig:
     backend: str = "auto"  # attention backend, see slidefm.models.attention
     grad_checkpointing: bool = False
     pool: str = "cls"  # "cls" | "mean" (mean of patch-token outputs)
-    peg: int = 0  # kernel of a conditional position encoding on the grid before the blocks (0: off; 3, 5, ..)
+    peg: int = field(default=0, metadata={
+        "help": "kernel of a depthwise-conv position encoding on the slide grid before the blocks (0: off; 3, 5, ..)"})
 
 
 @AGGREGATORS.register("vit", config=ViTConfig)
