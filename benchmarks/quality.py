@@ -103,23 +103,34 @@ def main(argv=None) -> int:
         )
         rows.append(row)
         print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    if out.exists():
+        # Rows of recipes not rerun now are kept (each row records its own steps), if they come
+        # from the same cohort.
+        old = json.loads(out.read_text())
+        if old.get("cohort_seed") == args.seed and old.get("patients") == args.patients:
+            ran = {r["recipe"] for r in rows}
+            rows = [r for r in old.get("rows", []) if r["recipe"] not in ran] + rows
+            rows.sort(key=lambda r: LABEL_FREE.index(r["recipe"]) if r["recipe"] in LABEL_FREE else len(LABEL_FREE))
     result = {"benchmark": "quality", "cohort_seed": args.seed, "patients": args.patients, "targets": TARGETS,
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
     print(json.dumps(result, indent=2))
     print(markdown(rows))
     return 0
 
 
 def markdown(rows) -> str:
-    lines = ["| recipe | spatial AUROC (mean pool → model, gain) | rare-region AUROC | subtype AUROC | RI (mean pool → model) | targets |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| recipe | steps | spatial AUROC (mean pool → model, gain) | rare-region AUROC | subtype AUROC | RI (mean pool → model) | targets |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         def cell(t):
             return f"{r[t]['mean_pool']:.2f} → {r[t]['model']:.2f} ({r[t]['gain']:+.2f})"
         ri_ = r["robustness_index"]
-        lines.append(f"| `{r['recipe']}` | {cell('immune_pattern')} | {cell('rare_focus')} | {cell('subtype')} | "
+        lines.append(f"| `{r['recipe']}` | {r['steps']} | {cell('immune_pattern')} | {cell('rare_focus')} | {cell('subtype')} | "
                      f"{ri_['mean_pool']:.2f} → {ri_['model']:.2f} | {'met' if r['meets_targets'] else 'not met'} |")
     return "\n".join(lines)
 
