@@ -14,7 +14,7 @@ class DemoConfig:
     out: str = field(default="slidefm-demo", metadata={"help": "output directory"})
     patients: int = field(default=240, metadata={"help": "patients in the synthetic cohort"})
     seed: int = field(default=7, metadata={"help": "cohort seed"})
-    steps: int = field(default=100, metadata={"help": "pretraining steps (about 5 s each on 2 CPU cores)"})
+    steps: int = field(default=100, metadata={"help": "pretraining steps (about 2.5 s each on 2 CPU cores)"})
     recipe: str = field(default="slidefm", metadata={"help": "training recipe"})
     num_workers: int = field(default=1, metadata={"help": "data-loading worker processes"})
     overrides: list[str] = field(default_factory=list, metadata={"help": "extra Hydra overrides for training"})
