@@ -452,7 +452,6 @@ class MaskedSelfDistillation(nn.Module):
             "n_masked": int(masked.numel()),
         }
 
-
     def _masked_features(self, g: PackedSlides, tokens: Tensor, masked: Tensor, n_views: int) -> Tensor:
         """MSE between decoded student tokens and the view-centred, per-token normalised input at masked tokens.
 

@@ -67,7 +67,6 @@ def attention(
         buffers = None
         if not grad and c < n:
             # Without autograd nothing keeps a chunk's bias alive: one buffer serves every chunk.
-            c = min(c, n)
             work = torch.float64 if q.dtype == torch.float64 else torch.float32
             buffers = (q.new_empty(alibi_slopes.numel() * c * m), torch.empty(2 * c * m, dtype=work, device=q.device))
         # split (not slicing) keeps the backward one concatenation per segment
