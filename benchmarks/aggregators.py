@@ -142,7 +142,8 @@ def padded_forward(model, x):
     for b, (a, e) in enumerate(zip(x.offsets[:-1].tolist(), x.offsets[1:].tolist())):
         seq = seq.index_put((torch.tensor([b]), torch.arange(P)), prefix)
         seq = seq.index_put((torch.tensor([b]), torch.arange(P, P + e - a)), h[a:e])
-        pos[b, P : P + e - a] = x.positions[a:e].float()
+        p = x.positions[a:e].float()
+        pos[b, P : P + e - a] = p - p.mean(0)  # the model centres each slide's grid (CLS has no rotation)
         valid[b, : P + e - a] = True
     key_mask = valid[:, None, None, :]
     for blk in model.blocks:
@@ -218,7 +219,8 @@ def child_slide(args) -> dict:
         out = model(x)
     wall = time.perf_counter() - t
     assert out.tokens.shape == (args.slide_tokens, 768) and bool(torch.isfinite(out.slide).all())
-    return {"pos": args.pos, "tokens": args.slide_tokens, "depth": args.slide_depth, "wall_s": wall,
+    return {"pos": args.pos, "tokens": args.slide_tokens, "depth": args.slide_depth, "threads": torch.get_num_threads(),
+            "wall_s": wall,
             "peak_rss_gb": maxrss_gb(), "rss_before_model_gb": base, "rss_with_model_and_input_gb": ready,
             "flop_s": vit_flops([args.slide_tokens], 1024, 768, args.slide_depth, train=False) / wall}
 
@@ -234,8 +236,9 @@ def run_child(cmd: list[str], timeout: float) -> dict:
 
 
 def section_slide(args) -> dict:
-    res = {"config": {"in_dim": 1024, "dim": 768, "depth": args.slide_depth, "heads": 12, "tokens": args.slide_tokens,
-                      "spec_depth": 6, "subsampling": "none", "target_peak_rss_gb": 4.0}}
+    # tokens and depth are per entry: the two position schemes may be run separately (see main)
+    res = {"config": {"in_dim": 1024, "dim": 768, "heads": 12, "spec_tokens": 100_000, "spec_depth": 6,
+                      "subsampling": "none", "target_peak_rss_gb": 4.0}}
     for pos in args.slide_pos.split(","):
         cmd = [sys.executable, __file__, "--_child", "slide", "--pos", pos, "--slide-tokens", str(args.slide_tokens),
                "--slide-depth", str(args.slide_depth), "--threads", str(torch.get_num_threads())]
@@ -408,11 +411,18 @@ def main(argv=None) -> int:
             pass
     for name in args.sections.split(","):
         t = time.perf_counter()
-        result[name] = SECTIONS[name](args)
-        result[name]["section_wall_s"] = time.perf_counter() - t
+        prev, res = result.get(name), SECTIONS[name](args)
+        if name == "slide" and isinstance(prev, dict):  # one position scheme rerun keeps the other's entry
+            res |= {k: prev[k] for k in ("rope", "alibi") if k in prev and k not in res}
+        res["section_wall_s"] = time.perf_counter() - t
+        res["run"] = {"threads": torch.get_num_threads(), "argv": sys.argv[1:],
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        result[name] = res
         print(f"[{name}] done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))  # after every section: long runs keep partial results
+        tmp = out.with_suffix(".json.tmp")  # after every section, atomically: long runs keep partial results
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
     print(json.dumps(result, indent=2))
     return 0
 

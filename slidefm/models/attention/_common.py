@@ -41,29 +41,34 @@ def split_segments(x: Tensor, offsets: Tensor) -> tuple[Tensor, ...]:
     return torch.split(x, lengths)
 
 
+def pair_distance(q_pos: Tensor, k_pos: Tensor, out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
+    """(Nq, Nk) Euclidean grid distance in the working dtype (float32, or float64 for float64 positions).
+
+    Rows/cols with NaN positions (CLS, registers) get 0: spatially neutral. Accumulated per axis so the
+    intermediates stay (Nq, Nk), never (Nq, Nk, 2); ``out``/``scratch`` are reusable (Nq, Nk) buffers.
+    """
+    work = torch.float64 if q_pos.dtype == torch.float64 else torch.float32
+    qp, kp = q_pos.to(work), k_pos.to(work)
+    shape = (qp.shape[0], kp.shape[0])
+    dist = torch.empty(shape, dtype=work, device=qp.device) if out is None else out
+    dy = torch.empty_like(dist) if scratch is None else scratch
+    torch.sub(qp[:, None, 0], kp[None, :, 0], out=dist).square_()
+    torch.sub(qp[:, None, 1], kp[None, :, 1], out=dy).square_()
+    return dist.add_(dy).sqrt_().nan_to_num_(nan=0.0)
+
+
 def alibi_bias(q_pos: Tensor, k_pos: Tensor, slopes: Tensor, dtype: torch.dtype, out: Tensor | None = None,
                scratch: Tensor | None = None) -> Tensor:
     """(H, Nq, Nk) additive bias ``-slope_h * ||q_pos - k_pos||``; rows/cols with NaN positions get 0.
 
-    Distances are accumulated per axis to keep the intermediates at (Nq, Nk), never (Nq, Nk, 2).
     ``out`` (H, Nq, Nk) of ``dtype`` and ``scratch`` (2, Nq, Nk) of the working dtype (float32, or float64
     for float64) are reused buffers: writing a fresh multi-hundred-MB bias costs more in page faults
-    than in arithmetic, so inference loops over query chunks pass the same buffers every time.
+    than in arithmetic, so loops over query chunks pass the same buffers every time.
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32  # float32 at least, for half inputs
-    qp = q_pos.to(work)
-    kp = k_pos.to(work)
-    shape = (qp.shape[0], kp.shape[0])
     if scratch is None:
-        scratch = torch.empty((2, *shape), dtype=work, device=qp.device)
-    dist, dy = scratch[0], scratch[1]
-    torch.sub(qp[:, None, 0], kp[None, :, 0], out=dist).square_()
-    torch.sub(qp[:, None, 1], kp[None, :, 1], out=dy).square_()
-    dist.add_(dy)
-    del dy
-    dist.sqrt_()
-    # NaN marks tokens without a position (CLS, registers): spatially neutral.
-    dist.nan_to_num_(nan=0.0)
+        scratch = torch.empty((2, q_pos.shape[0], k_pos.shape[0]), dtype=work, device=q_pos.device)
+    dist = pair_distance(q_pos.to(work), k_pos.to(work), out=scratch[0], scratch=scratch[1])
     neg = slopes.to(device=dist.device, dtype=work).neg().view(-1, 1, 1)
     if out is None:
         return (neg * dist).to(dtype)
