@@ -293,16 +293,24 @@ def section_moozy(args) -> dict:
                       "heads": 12, "registers": 4, "weights": "random", "mode": "inference",
                       "targets": {"speedup": 2.0, "memory_ratio": 4.0}}}
     common = ["--moozy-tokens", str(args.moozy_tokens), "--threads", str(torch.get_num_threads())]
-    for pos in ("alibi", "rope"):
-        res[f"slidefm_{pos}"] = run_child([sys.executable, __file__, "--_child", "ours_grid", "--pos", pos, *common],
-                                          args.child_timeout)
     py = args.moozy_python
-    if not py or not Path(py).exists():
+    cmds = {f"slidefm_{pos}": [sys.executable, __file__, "--_child", "ours_grid", "--pos", pos, *common]
+            for pos in ("alibi", "rope")}
+    if py and Path(py).exists():
+        res["moozy_python"] = py
+        cmds["moozy"] = [py, __file__, "--_child", "moozy", *common]
+    else:
         res["moozy"] = {"error": f"no MOOZY interpreter at {py!r}; create one with: python -m venv /tmp/moozy-venv && "
                                  "/tmp/moozy-venv/bin/pip install torch moozy"}
-        return res
-    res["moozy_python"] = py
-    res["moozy"] = m = run_child([py, __file__, "--_child", "moozy", *common], args.child_timeout)
+    # Interleaved repeats, fastest kept: a shared machine's slow spells then hit every system alike.
+    runs: dict[str, list[dict]] = {k: [] for k in cmds}
+    for _ in range(args.moozy_repeats):
+        for key, cmd in cmds.items():
+            runs[key].append(run_child(cmd, args.child_timeout))
+    for key, rs in runs.items():
+        ok = [r for r in rs if "wall_s" in r]
+        res[key] = min(ok, key=lambda r: r["wall_s"]) | {"wall_s_all": [r["wall_s"] for r in ok]} if ok else rs[-1]
+    m = res["moozy"]
     for pos in ("alibi", "rope"):
         o = res[f"slidefm_{pos}"]
         if "wall_s" in m and "wall_s" in o:
@@ -390,6 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--slide-pos", default="rope,alibi")
     p.add_argument("--moozy-tokens", type=int, default=10_000)
     p.add_argument("--moozy-python", default="/tmp/moozy-venv/bin/python")
+    p.add_argument("--moozy-repeats", type=int, default=2)
     p.add_argument("--gpu-batch", type=int, default=8)
     p.add_argument("--child-timeout", type=float, default=7200)
     p.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)

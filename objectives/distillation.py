@@ -328,6 +328,10 @@ class MaskedSelfDistillation(nn.Module):
         n_global: int = 2,
     ):
         super().__init__()
+        for name, w in (("dino_weight", dino_weight), ("ibot_weight", ibot_weight), ("koleo_weight", koleo_weight),
+                        ("feature_weight", feature_weight), ("feature_hidden_dim", feature_hidden_dim)):
+            if w < 0:
+                raise ValueError(f"objectives.distillation.{name} must be >= 0, got {w}")
         student = _unwrap(student)
         dim = int(student.dim)
         self.feature_head = None

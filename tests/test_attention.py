@@ -296,8 +296,13 @@ def test_block_inference_chunking_and_checkpointing(monkeypatch):
     for a, b in zip(g_ref, (x.grad, *[t.grad for t in blk.parameters()])):
         torch.testing.assert_close(a, b)
     monkeypatch.setattr(blocks_mod.Block, "token_chunk", 7)
-    with torch.inference_mode():
+    with torch.inference_mode():  # token-chunked norm/qkv/rope/proj/MLP
         torch.testing.assert_close(blk.eval()(x.detach(), off, p), ref.detach())
+    torch.manual_seed(0)
+    blk = blocks_mod.Block(16, 2, pos="alibi", layerscale=0.5).double()
+    with torch.no_grad():
+        ref = blk(x, off, p)
+        torch.testing.assert_close(blk.eval()(x.detach(), off, p), ref)
 
 
 def test_slide_drop_path_is_per_slide():

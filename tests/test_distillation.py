@@ -307,3 +307,9 @@ def test_masked_feature_modelling_targets_and_gradients():
         opt.step()
     assert float(obj(agg, views)["features"]) < 0.8 * first
     assert small_objective()[1].feature_head is None  # off unless asked for
+
+
+@pytest.mark.parametrize("name", ["feature_weight", "dino_weight", "feature_hidden_dim"])
+def test_negative_weights_are_rejected(name):
+    with pytest.raises(ValueError, match=f"objectives.distillation.{name}"):
+        small_objective(**{name: -1})

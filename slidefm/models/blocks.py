@@ -69,20 +69,44 @@ class PackedSelfAttention(nn.Module):
         if pos == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(heads), persistent=False)
 
-    def forward(self, x: Tensor, offsets: Tensor, positions: Tensor | None = None) -> Tensor:
+    def _qkv(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         T = x.shape[0]
         q, k, v = self.qkv(x).view(T, 3, self.heads, self.head_dim).unbind(1)
-        slopes = None
-        if self.pos != "none" and positions is None:
-            raise ValueError(f"pos='{self.pos}' needs token positions")
         if self.pos == "rope":
             cos, sin = rope_angles(positions, self.head_dim, self.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        elif self.pos == "alibi":
-            slopes = self.alibi_slopes
+        return q, k, v
+
+    def forward(self, x: Tensor, offsets: Tensor, positions: Tensor | None = None, norm: nn.Module | None = None,
+                token_chunk: int | None = None) -> Tensor:
+        """``norm`` is applied to ``x`` first (the block's pre-norm). With ``token_chunk`` (inference only),
+        the norm, projections and rotations run over that many tokens at a time into preallocated q/k/v:
+        a 100k-token slide then never holds its (T, 3 * dim) qkv activation or full-length temporaries.
+        """
+        T = x.shape[0]
+        if self.pos != "none" and positions is None:
+            raise ValueError(f"pos='{self.pos}' needs token positions")
+        slopes = self.alibi_slopes if self.pos == "alibi" else None
+        if token_chunk is None or T <= token_chunk:
+            q, k, v = self._qkv(norm(x) if norm is not None else x, positions)
+        else:
+            # head-major storage: the attention backends then read each head contiguously, without copies
+            q, k, v = (x.new_empty(self.heads, T, self.head_dim).transpose(0, 1) for _ in range(3))
+            for s in range(0, T, token_chunk):
+                part = x[s : s + token_chunk]
+                pos = positions[s : s + token_chunk] if positions is not None else None
+                qc, kc, vc = self._qkv(norm(part) if norm is not None else part, pos)
+                q[s : s + token_chunk], k[s : s + token_chunk], v[s : s + token_chunk] = qc, kc, vc
         out = packed_attention(q, k, v, offsets, q_positions=positions if slopes is not None else None,
                                alibi_slopes=slopes, backend=self.backend)
-        return self.proj(out.reshape(T, -1))
+        if token_chunk is None or T <= token_chunk:
+            return self.proj(out.reshape(T, -1))
+        del q, k, v
+        res = x.new_empty(T, self.proj.out_features)
+        for s in range(0, T, token_chunk):
+            part = out[s : s + token_chunk]
+            res[s : s + token_chunk] = self.proj(part.reshape(part.shape[0], -1))
+        return res
 
 
 class PackedCrossAttention(nn.Module):
@@ -107,8 +131,8 @@ class PackedCrossAttention(nn.Module):
 class _BlockBase(nn.Module):
     """Shared MLP half: pre-norm MLP with LayerScale and per-slide DropPath, activation checkpointing."""
 
-    # In inference the MLP runs over this many tokens at a time: its 4x-wide hidden activations
-    # would otherwise dominate peak memory on 100k-token slides.
+    # In inference the projections and the MLP run over this many tokens at a time: their 3x- and
+    # 4x-wide activations would otherwise dominate peak memory on 100k-token slides.
     token_chunk = 16384
 
     def _init_mlp(self, dim, mlp_ratio, drop_path, layerscale, grad_checkpointing):
@@ -119,8 +143,11 @@ class _BlockBase(nn.Module):
         self.drop_path2 = SlideDropPath(drop_path)
         self.grad_checkpointing = grad_checkpointing
 
+    def _chunked(self, x: Tensor) -> bool:
+        return not torch.is_grad_enabled() and not self.training and x.shape[0] > self.token_chunk
+
     def _mlp_residual(self, x: Tensor, offsets: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and not self.training and x.shape[0] > self.token_chunk:
+        if self._chunked(x):
             # x is the fresh sum from the attention residual, so updating it in place is safe.
             for part in x.split(self.token_chunk):
                 part += self.ls2(self.mlp(self.norm2(part)))
@@ -150,6 +177,10 @@ class Block(_BlockBase):
         self._init_mlp(dim, mlp_ratio, drop_path, layerscale, grad_checkpointing)
 
     def _forward(self, x: Tensor, offsets: Tensor, positions: Tensor | None = None) -> Tensor:
+        if self._chunked(x):  # the attention output is fresh, so the residual can land in it
+            return self._mlp_residual(
+                self.ls1(self.attn(x, offsets, positions, norm=self.norm1, token_chunk=self.token_chunk)).add_(x),
+                offsets)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), offsets, positions)), offsets)
         return self._mlp_residual(x, offsets)
 

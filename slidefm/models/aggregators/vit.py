@@ -93,6 +93,7 @@ class ViTAggregator(Aggregator):
 
         prefix = torch.cat([self.cls_token, self.registers]).to(h.dtype).repeat(B, 1)
         seq = h.new_zeros(T + B * P, self.dim).index_copy(0, patch_idx, h).index_copy(0, prefix_idx, prefix)
+        del h  # a whole (T, dim) copy on 100k-token slides
         pos = torch.full((T + B * P, 2), float("nan"), device=dev)
         p = x.positions.to(dev, torch.float32)
         # Centre each slide's grid on its centroid: CLS/register tokens carry no rotation, so with

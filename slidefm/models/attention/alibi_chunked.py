@@ -71,9 +71,10 @@ def _segment_inference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
     b = min(block or (INFERENCE_BLOCK if streamed else m), m)
     # Streaming re-reads every head's K/V once per query chunk: a larger chunk halves that traffic.
     c = min(chunk or (2 * INFERENCE_CHUNK if streamed else INFERENCE_CHUNK), n)
-    q_h = q.transpose(0, 1)  # strided views are fine for addmm
-    k_t = k.permute(1, 2, 0).contiguous()  # (H, Dh, m)
-    v_h = v.transpose(0, 1).contiguous()  # (H, m, Dv)
+    # Head-major K/V: no copy when the caller already stores them so (the chunked inference block does);
+    # per-head GEMMs on token-major strided rows measured ~15% slower than copying.
+    q_h = q.transpose(0, 1)
+    k_h, v_h = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # (H, m, Dh), (H, m, Dv)
     out = q.new_empty(h, n, dv)
     dist, dy, logits = (q.new_empty(c * b) for _ in range(3))
     run_max, run_sum = q.new_empty(h, c, 1), q.new_empty(h, c, 1)
@@ -90,7 +91,7 @@ def _segment_inference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
             d = pair_distance(q_pos[s:e], k_pos[t:u], out=dist[: r * w].view(r, w), scratch=dy[: r * w].view(r, w))
             x = logits[: r * w].view(r, w)
             for j in range(h):
-                torch.addmm(d, q_h[j, s:e], k_t[j, :, t:u], beta=neg[j], alpha=scale, out=x)
+                torch.addmm(d, q_h[j, s:e], k_h[j, t:u].T, beta=neg[j], alpha=scale, out=x)
                 acc, mx, z = out[j, s:e], run_max[j, :r], run_sum[j, :r]
                 if t == 0:
                     torch.amax(x, dim=-1, keepdim=True, out=mx)
