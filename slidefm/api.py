@@ -11,7 +11,7 @@ import torch
 
 from slidefm.data.batch import PackedSlides, pack_slides
 from slidefm.errors import SlidefmError
-from slidefm.export import ExportConfig, check_feature_dim, encode_slides_chunked, file_sha256
+from slidefm.export import ExportConfig, check_feature_dim, encode_slides_chunked, file_sha256, write_tokens_h5
 from slidefm.grid import coords_to_grid
 
 
@@ -121,8 +121,14 @@ class Encoder:
         return json.dumps([self.sha256, str(Path(cohort.root).resolve()), level, cfg.chunk_slides, cfg.tokens,
                            list(cohort.slide_ids)[:3], len(cohort.slide_ids)])
 
-    def embed_slides(self, cohort, config: ExportConfig | None = None, partial_dir: str | Path | None = None):
-        """AnnData: obs = slides.csv rows (all columns), X = slide embeddings, uns = provenance."""
+    def embed_slides(self, cohort, config: ExportConfig | None = None, partial_dir: str | Path | None = None,
+                     tokens_path: str | Path | None = None):
+        """AnnData: obs = slides.csv rows (all columns), X = slide embeddings, uns = provenance.
+
+        With ``config.tokens``, per-patch token embeddings go to the HDF5 file ``tokens_path``
+        (``uns["tokens_file"]`` names it; see ``write_tokens_h5``), or, without a path, into
+        ``uns["tokens"]`` as a dict of arrays (small cohorts, in-memory use only).
+        """
         import anndata as ad
 
         cfg = config or ExportConfig()
@@ -136,8 +142,11 @@ class Encoder:
         obs.index.name = "slide_id"
         a = ad.AnnData(X=emb, obs=_clean_obs(obs))
         a.uns.update(self._uns(cfg, "slide"))
-        if cfg.tokens:
-            a.uns["tokens"] = {s: t for s, t in zip(sids, toks)}
+        if cfg.tokens and tokens_path is not None:
+            write_tokens_h5(toks, tokens_path, self.dim)
+            a.uns["tokens_file"] = Path(tokens_path).name
+        elif cfg.tokens:
+            a.uns["tokens"] = dict(toks)
         return a
 
     @torch.inference_mode()

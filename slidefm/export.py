@@ -30,7 +30,8 @@ class ExportConfig:
     batch_tokens: int = field(default=65536, metadata={"help": "max tokens packed into one forward pass"})
     chunk_slides: int = field(default=256, metadata={"help": "slides per resumable chunk"})
     num_workers: int = field(default=1, metadata={"help": "background slide-reading processes"})
-    tokens: bool = field(default=False, metadata={"help": "also write per-patch token embeddings (slide level)"})
+    tokens: bool = field(default=False, metadata={
+        "help": "also write per-patch token embeddings (slide level) to OUT.tokens.h5 next to the .h5ad"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -98,18 +99,45 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         results[ci] = (emb, toks)
     if pbar is not None:
         pbar.close()
-    all_emb, all_tok = [], []
+    all_emb = []
     for ci in range(len(chunks)):
         if ci in results:
-            e, t = results[ci]
+            all_emb.append(results[ci][0])
         else:
             with np.load(partial_dir / f"chunk{ci:06d}.npz") as z:
-                e = z["emb"]
-                t = [z[f"tok{j}"] for j in range(len(chunks[ci]))] if want_tokens else []
-        all_emb.append(e)
-        all_tok.extend(t)
+                all_emb.append(z["emb"])
     d = encoder.dim
-    return (np.concatenate(all_emb) if all_emb else np.zeros((0, d), np.float32)), all_tok
+    emb = np.concatenate(all_emb) if all_emb else np.zeros((0, d), np.float32)
+
+    def tokens():
+        """(slide_id, (n, d) tokens) in slide order; from disk when resumable, one chunk in memory at a time."""
+        for ci, ids in enumerate(chunks):
+            if ci in results and partial_dir is None:
+                yield from zip(ids, results[ci][1])
+                continue
+            with np.load(partial_dir / f"chunk{ci:06d}.npz") as z:
+                for j, sid in enumerate(ids):
+                    yield sid, z[f"tok{j}"]
+
+    if want_tokens and partial_dir is not None:  # the npz files hold them; do not keep a second copy
+        for ci in results:
+            results[ci] = (results[ci][0], [])
+    return emb, (tokens() if want_tokens else iter(()))
+
+
+def write_tokens_h5(tokens, out: str | os.PathLike, dim: int) -> Path:
+    """Per-patch token embeddings to HDF5 (``tokens/{slide_id}``: (n_patches, dim) float32, rows in the
+    order of the slide's feature file), streamed one slide at a time and renamed into place when complete."""
+    import h5py
+
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["dim"] = dim
+            f.attrs["row_order"] = "rows of the slide's feature file (features/{slide_id}.h5)"
+            g = f.create_group("tokens")
+            for sid, t in tokens:
+                g.create_dataset(str(sid), data=np.asarray(t, dtype=np.float32), chunks=True)
+    return Path(out)
 
 
 def _release_freed_memory() -> None:
@@ -155,4 +183,4 @@ def check_feature_dim(cohort, in_dim: int, ckpt: str) -> None:
         )
 
 
-__all__ = ["ExportConfig", "encode_slides_chunked", "write_h5ad", "check_feature_dim", "file_sha256"]
+__all__ = ["ExportConfig", "encode_slides_chunked", "write_h5ad", "write_tokens_h5", "check_feature_dim", "file_sha256"]

@@ -61,6 +61,29 @@ def test_slide_export_cli_opens_in_scanpy_with_metadata(trained, tmp_path):
     sc.pp.neighbors(a, use_rep="X", n_neighbors=5)  # usable by scanpy as is
 
 
+def test_token_export_goes_to_a_sidecar_file(trained, tmp_path):
+    import h5py
+
+    cohort, ckpt, _ = trained
+    out = tmp_path / "slides.h5ad"
+    assert cli(["export", "--checkpoint", str(ckpt), "--cohort", str(cohort), "--out", str(out), "--tokens",
+                "--chunk-slides", "5", "--no-progress", "--num-workers", "0"]) == 0
+    a = ad.read_h5ad(out)
+    assert "tokens" not in a.uns and a.uns["tokens_file"] == "slides.tokens.h5"
+    enc = slidefm.load(ckpt)
+    with h5py.File(tmp_path / "slides.tokens.h5") as f:
+        assert list(f["tokens"]) == sorted(a.obs_names) and f.attrs["dim"] == 32
+        for sid in a.obs_names[:2]:
+            with h5py.File(cohort / "features" / f"{sid}.h5") as g:
+                feats, coords = g["features"][:], g["coords"][:]
+                attrs = {k: g["coords"].attrs.get(k) for k in ("patch_size_level0", "overlap", "patch_size")}
+            _, ref = enc.embed_slide(feats, coords, **attrs, return_tokens=True)
+            np.testing.assert_allclose(f["tokens"][sid][:], ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slides.h5ad", "slides.tokens.h5"]  # no temporaries left
+    assert cli(["export", "--checkpoint", str(ckpt), "--cohort", str(cohort), "--out", str(tmp_path / "p.h5ad"),
+                "--tokens", "--level", "patient", "--no-progress"]) == 2
+
+
 def test_embed_slide_equals_batch_export(trained):
     from slidefm.cohort import Cohort
 

@@ -31,13 +31,17 @@ def run(args) -> int:
     cohort = Cohort.open(args.cohort, store=args.store)
     enc = slidefm.load(args.checkpoint, device=cfg.device)
     partial = out.with_name(out.name + ".partial")
+    if cfg.tokens and cfg.level != "slide":
+        raise SlidefmError("--tokens writes per-patch embeddings of slides: use it with --level slide")
+    tokens_path = out.with_name(out.stem + ".tokens.h5") if cfg.tokens else None
     if cfg.level == "slide":
-        adata = enc.embed_slides(cohort, cfg, partial_dir=partial)
+        adata = enc.embed_slides(cohort, cfg, partial_dir=partial, tokens_path=tokens_path)
     else:
         adata = enc.embed_patients(cohort, cfg, partial_dir=partial)
     write_h5ad(adata, out)
     import shutil
 
     shutil.rmtree(partial, ignore_errors=True)
-    print(f"wrote {out}: {adata.n_obs} {cfg.level}s x {adata.n_vars} dims")
+    print(f"wrote {out}: {adata.n_obs} {cfg.level}s x {adata.n_vars} dims"
+          + (f"; token embeddings in {tokens_path}" if tokens_path else ""))
     return 0
