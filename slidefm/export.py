@@ -96,7 +96,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
             with atomic_path(partial_dir / f"chunk{ci:06d}.npz") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, emb=emb, **{f"tok{j}": t for j, t in enumerate(toks)})
-        results[ci] = (emb, toks)
+        results[ci] = (emb, toks if partial_dir is None else [])  # resumable: the npz files hold the tokens
     if pbar is not None:
         pbar.close()
     all_emb = []
@@ -119,9 +119,6 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
                 for j, sid in enumerate(ids):
                     yield sid, z[f"tok{j}"]
 
-    if want_tokens and partial_dir is not None:  # the npz files hold them; do not keep a second copy
-        for ci in results:
-            results[ci] = (results[ci][0], [])
     return emb, (tokens() if want_tokens else iter(()))
 
 

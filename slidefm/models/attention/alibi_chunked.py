@@ -29,7 +29,7 @@ DEFAULT_MAX_BIAS_BYTES = 256 * 2**20
 MIN_CHUNK = 16
 # Inference (no autograd): a (chunk, keys) logits buffer per head. 128 queries keep a 10k-token slide's
 # buffers in a few MB of cache; past INFERENCE_SINGLE_BLOCK_MAX keys they would spill to memory, so keys
-# stream in blocks (measured on 2 cores at 25k tokens: 61 s per layer of attention with blocks of 4096
+# stream in blocks (measured at 25k tokens, 1 thread: 61 s per layer of attention with blocks of 4096
 # against 75 s unblocked; plain SDPA without bias 28 s).
 INFERENCE_CHUNK = 128
 INFERENCE_SINGLE_BLOCK_MAX = 16384
