@@ -186,7 +186,7 @@ class Encoder:
     def _add_modalities(self, a, cohort, pids) -> None:
         """Patient-level modality embeddings (obsm) with presence flags, using the checkpointed transforms."""
         from slidefm.data.batch import Modality
-        from slidefm.modalities.expression import ExpressionTransform
+        from slidefm.data.expression import ExpressionTransform
 
         prep = self.meta.get("preprocessing") or {}
         sources = {}

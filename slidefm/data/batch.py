@@ -38,9 +38,9 @@ class PackedSlides:
 
     def slide_index(self) -> Tensor:
         """(T,) index of the slide each token belongs to."""
-        from slidefm.models.segments import segment_index
-
-        return segment_index(self.offsets)
+        # inlined (not slidefm.models.segments): data sits below models
+        lengths = self.lengths
+        return torch.repeat_interleave(torch.arange(lengths.numel(), device=self.offsets.device), lengths)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedSlides":
         def mv(t):

@@ -68,7 +68,7 @@ def build_tables(cohort, cfg: DataConfig, tasks=None, needs: set[str] | None = N
 
     ``preprocessing`` (from a checkpoint) re-applies fitted transforms instead of fitting new ones.
     """
-    from slidefm.modalities.expression import ExpressionTransform
+    from slidefm.data.expression import ExpressionTransform
 
     needs = set(needs or ())
     pids = list(cohort.patient_ids)
