@@ -93,8 +93,11 @@ BAD = {
     "bad_task_kind": (lambda r: (r / "tasks.yaml").write_text(yaml.safe_dump({"tasks": [
         {"name": "x", "kind": "regression", "label": "subtype"}]})),
         ["tasks.yaml", "task x", "kind 'regression' not one of"]),
-    "irregular_coords": (lambda r: slide(r, "S001", coords=np.array([[0, 0], [256, 0], [3, 256]]), n=3),
-                         ["features/S001.h5", "slide S001", "not on a regular lattice"]),
+    # Coordinates that are not one tiling (a few px off is snapped; scattered points are not a grid).
+    "scattered_coords": (lambda r: slide(r, "S001", coords=np.random.default_rng(3).choice(10**6, (40, 2), False), n=40),
+                         ["features/S001.h5", "slide S001", "implausible grid", "have a neighbouring patch"]),
+    "stride_below_patch": (lambda r: slide(r, "S001", coords=lattice_coords(np.random.default_rng(0), 40, 4), n=40),
+                           ["features/S001.h5", "slide S001", "implausible grid", "stride 4 px", "patch size 256"]),
     "negative_counts": (lambda r: _expression(r, np.array([[1, 2], [3, -4], [0, 1]], np.float32)),
                         ["expression.h5ad", "obs rows 1 (patient P001)", "negative values"]),
 }

@@ -1,4 +1,10 @@
-"""Per-slide HDF5 files in the TRIDENT / CLAM layout: cheap header inspection and full reads."""
+"""Per-slide feature files: cheap header inspection and full reads.
+
+Two kinds (docs/cohort.md): HDF5 in the TRIDENT / CLAM layout (``features`` plus, usually,
+``coords`` with the extractor's attributes), and features-only torch files (CLAM ``pt_files/``,
+HIPT-style region bags: a tensor (N, D) or (1, N, D), loaded with ``weights_only=True``). An
+HDF5 file without ``coords`` is a features-only bag as well. :class:`SlideSource` reads either.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,11 @@ import numpy as np
 
 from slidefm.errors import SlidefmError
 
-# TRIDENT writes these on `coords`; older CLAM files put patch_size_level0 on the file root.
-GRID_ATTRS = ("patch_size_level0", "patch_size", "overlap", "target_magnification", "level0_magnification")
+# TRIDENT writes these on `coords` (older files put patch_size_level0 on the file root); CLAM writes
+# patch_size, patch_level and downsample (the patch level's (dx, dy)) on `coords`.
+GRID_ATTRS = ("patch_size_level0", "patch_size", "overlap", "target_magnification", "level0_magnification",
+              "patch_level", "downsample")
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
 class SlideFileError(SlidefmError):
@@ -29,6 +38,8 @@ class SlideHeader:
     squeeze_features: bool  # features stored (1, N, D)
     squeeze_coords: bool  # coords stored (1, N, 2)
     attrs: dict[str, Any] = field(default_factory=dict)
+    has_coords: bool = True  # False: a features-only bag (no positions)
+    kind: str = "h5"  # "h5" | "pt"
 
     @property
     def patch_size_level0(self) -> int | None:
@@ -41,6 +52,8 @@ def _scalar(v: Any) -> Any:
         return v.decode()
     if isinstance(v, np.ndarray) and v.size == 1:
         v = v.reshape(()).item()
+    elif isinstance(v, np.ndarray):
+        v = v.tolist()  # CLAM's downsample (dx, dy)
     if isinstance(v, np.generic):
         v = v.item()
     return v
@@ -66,8 +79,9 @@ def inspect_file(f: h5py.File) -> tuple[SlideHeader | None, list[str]]:
     if not isinstance(feats, h5py.Dataset):
         problems.append("no 'features' dataset" if feats is None else "'features' is not a dataset")
         feats = None
-    if not isinstance(coords, h5py.Dataset):
-        problems.append("no 'coords' dataset" if coords is None else "'coords' is not a dataset")
+    has_coords = coords is not None  # no coords at all: a features-only bag
+    if coords is not None and not isinstance(coords, h5py.Dataset):
+        problems.append("'coords' is not a dataset")
         coords = None
     sq_f = sq_c = False
     n_f = n_c = dim = None
@@ -105,7 +119,7 @@ def inspect_file(f: h5py.File) -> tuple[SlideHeader | None, list[str]]:
             problems.append(f"patch_size_level0={psl0!r} is not a number")
     if problems:
         return None, problems
-    return SlideHeader(int(n_f), int(dim), feats.dtype, sq_f, sq_c, attrs), []
+    return SlideHeader(int(n_f), int(dim), feats.dtype, sq_f, sq_c, attrs, has_coords), []
 
 
 def open_slide_file(path: Path) -> h5py.File:
@@ -118,11 +132,9 @@ def open_slide_file(path: Path) -> h5py.File:
 
 
 def read_header(path: Path) -> SlideHeader:
-    with open_slide_file(path) as f:
-        header, problems = inspect_file(f)
-    if header is None:
-        raise SlideFileError("; ".join(problems))
-    return header
+    """Header of an HDF5 or torch slide file; raises SlideFileError."""
+    with SlideSource(path) as src:
+        return src._need_header()
 
 
 def read_coords(f: h5py.File, header: SlideHeader) -> np.ndarray:
@@ -150,3 +162,107 @@ def nonfinite_rows(chunk: np.ndarray) -> np.ndarray:
     if np.isfinite(chunk.sum(dtype=np.float64)):
         return np.zeros(0, np.int64)
     return np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+
+
+# --------------------------------------------------------------------------- features-only torch files
+
+
+def is_torch_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in TORCH_SUFFIXES
+
+
+def _load_torch(path: Path):
+    import torch
+
+    try:
+        # mmap: checking a file reads its header, not its values (needs torch's zip format).
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        pass
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise SlideFileError(f"cannot load with torch.load(weights_only=True) ({type(e).__name__}: {e})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except Exception as e:  # noqa: BLE001
+        raise SlideFileError(f"cannot load with torch.load(weights_only=True) ({type(e).__name__}: {e})") from None
+
+
+def inspect_torch(obj) -> tuple[Any, SlideHeader | None, list[str]]:
+    """(features tensor, header, problems) of a loaded .pt object: a tensor (N, D) or (1, N, D)."""
+    import torch
+
+    if isinstance(obj, dict) and "features" in obj:
+        obj = obj["features"]  # a dict bag; its other entries are not positions slidefm can trust
+    if not torch.is_tensor(obj):
+        return None, None, [f"holds a {type(obj).__name__}; expected a tensor (N, D) of patch features"]
+    shp = tuple(obj.shape)
+    problems = []
+    sq = len(shp) == 3 and shp[0] == 1
+    if len(shp) == 2 or sq:
+        n, dim = shp[-2], shp[-1]
+    else:
+        return None, None, [f"tensor has shape {shp}; expected (N, D) or (1, N, D)"]
+    if not obj.is_floating_point():
+        problems.append(f"tensor has dtype {obj.dtype}; expected float16 or float32")
+    if n == 0:
+        problems.append("zero patches")
+    if problems:
+        return None, None, problems
+    t = obj[0] if sq else obj
+    # bfloat16 has no numpy dtype: it is read (and packed) as float32.
+    dtype = np.dtype("float32") if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).replace("torch.", ""))
+    return t, SlideHeader(int(n), int(dim), dtype, sq, False, {}, False, "pt"), []
+
+
+class SlideSource:
+    """One open slide file, HDF5 or torch: header, coords (None for a features-only bag), features.
+
+    ``header`` is None when the file does not follow the contract; ``problems`` says why.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f: h5py.File | None = None
+        self._t = None
+        if is_torch_file(self.path):
+            if not self.path.exists():
+                raise SlideFileError("file not found")
+            self._t, self.header, self.problems = inspect_torch(_load_torch(self.path))
+        else:
+            self._f = open_slide_file(self.path)
+            self.header, self.problems = inspect_file(self._f)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._f = self._t = None
+
+    def __enter__(self) -> "SlideSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _need_header(self) -> SlideHeader:
+        if self.header is None:
+            raise SlideFileError("; ".join(self.problems))
+        return self.header
+
+    def coords(self) -> np.ndarray | None:
+        h = self._need_header()
+        return read_coords(self._f, h) if h.has_coords else None
+
+    def features(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) in the stored dtype (bfloat16 as float32)."""
+        h = self._need_header()
+        if self._f is not None:
+            return read_features(self._f, h, start, stop)
+        import torch
+
+        t = self._t[start:h.n if stop is None else stop]
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        h = self._need_header()
+        for start in range(0, h.n, rows):
+            yield start, self.features(start, min(h.n, start + rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,12 @@ class TaskSpec:
 
 @dataclass
 class SlideData:
-    """One slide: float32 features, level-0 coords and integer grid positions, same row order."""
+    """One slide: float32 features, level-0 coords and integer grid positions, same row order.
+
+    A features-only bag (a .pt file, or HDF5 without ``coords``) has ``has_positions=False`` and
+    all-zero ``coords``/``positions``, ``step`` 0: only position-free models may use it (the
+    training and export pre-flight checks refuse the others, see slidefm.data.positions).
+    """
 
     slide_id: str
     features: torch.Tensor  # (N, D) float32
@@ -49,15 +55,23 @@ class SlideData:
     positions: torch.Tensor  # (N, 2) int64 grid (col, row)
     step: int  # level-0 stride between neighbouring grid cells
     patch_size_level0: int | None
+    has_positions: bool = True
 
     @property
     def num_patches(self) -> int:
         return int(self.features.shape[0])
 
 
-def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray, positions: np.ndarray, step: int,
-               patch_size_level0: int | None) -> SlideData:
-    """Build a SlideData from numpy arrays; every reader goes through here so outputs are identical."""
+def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, positions: np.ndarray | None,
+               step: int, patch_size_level0: int | None) -> SlideData:
+    """Build a SlideData from numpy arrays; every reader goes through here so outputs are identical.
+
+    ``coords``/``positions`` None: a features-only bag (zeros, ``has_positions=False``).
+    """
+    has = coords is not None and positions is not None
+    if not has:
+        coords = positions = np.zeros((len(features), 2), np.int64)
+        step = 0
     # torch's float16 -> float32 cast is several times faster than numpy's on CPU (and equally exact).
     return SlideData(
         slide_id,
@@ -66,23 +80,34 @@ def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray, position
         torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)),
         int(step),
         patch_size_level0,
+        has,
     )
 
 
-def read_h5_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarray, Any]:
-    """Features (stored dtype), coords (int64) and grid of one slide file; raises SlideFileError."""
-    with h5.open_slide_file(path) as f:
-        header, problems = h5.inspect_file(f)
-        if header is None:
-            raise h5.SlideFileError("; ".join(problems))
-        feats = h5.read_features(f, header)
-        coords = h5.read_coords(f, header)
-    a = header.attrs
+def slide_grid(coords: np.ndarray, header: h5.SlideHeader):
+    """Grid of a slide from its coords and attributes; an implausible grid raises SlideFileError."""
     try:
-        grid = coords_to_grid(coords, a.get("patch_size_level0"), a.get("overlap"), a.get("patch_size"))
+        grid = coords_to_grid(coords, attrs=header.attrs)
     except GridError as e:
         raise h5.SlideFileError(str(e)) from None
+    bad = grid.problems()
+    if bad:
+        raise h5.SlideFileError("; ".join(bad))
+    return grid
+
+
+def read_slide_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarray | None, Any]:
+    """Features (stored dtype), coords (int64) and grid of one slide file (HDF5 or .pt);
+    coords and grid are None for a features-only bag. Raises SlideFileError."""
+    with h5.SlideSource(path) as src:
+        header = src._need_header()
+        feats = src.features()
+        coords = src.coords()
+    grid = None if coords is None else slide_grid(coords, header)
     return header, feats, coords, grid
+
+
+read_h5_arrays = read_slide_arrays  # the earlier name
 
 
 class SlideReader:
@@ -96,7 +121,7 @@ class SlideReader:
 
 
 class H5SlideReader(SlideReader):
-    """Per-slide HDF5 files; opens each file only for the duration of one read (fork-safe)."""
+    """Per-slide files (HDF5 or features-only .pt); opens each only for the duration of one read (fork-safe)."""
 
     def __init__(self, paths: dict[str, str], root: Path):
         self.paths = paths
@@ -105,10 +130,46 @@ class H5SlideReader(SlideReader):
     def read(self, slide_id: str) -> SlideData:
         path = Path(self.paths[slide_id])
         try:
-            header, feats, coords, grid = read_h5_arrays(path)
+            header, feats, coords, grid = read_slide_arrays(path)
         except h5.SlideFileError as e:
             raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None
+        if grid is None:
+            return slide_data(slide_id, feats, None, None, 0, header.patch_size_level0)
         return slide_data(slide_id, feats, coords, grid.positions, grid.step, header.patch_size_level0)
+
+
+def _torch_only_names(feat_dir: Path) -> dict[str, str]:
+    """slide_id -> file name of the .pt/.pth files in the features directory without a matching .h5
+    (CLAM's pt_files/); listed once, so opening a cohort costs one directory read, not a stat per slide."""
+    try:
+        names = [e.name for e in os.scandir(feat_dir) if e.is_file()]
+    except OSError:
+        return {}
+    stems_h5 = {n[:-3] for n in names if n.endswith(".h5")}
+    out = {}
+    for n in sorted(names):
+        stem, dot, ext = n.rpartition(".")
+        if dot and "." + ext.lower() in h5.TORCH_SUFFIXES and stem not in stems_h5:
+            out.setdefault(stem, n)
+    return out
+
+
+def _default_name(slide_id: str, torch_only: dict[str, str]) -> str:
+    return torch_only.get(slide_id, f"{slide_id}.h5")
+
+
+def _file_has_coords(path: Path) -> bool:
+    """Whether a slide file carries coordinates (unreadable files count as having them: validation
+    reports those, and a position check must not mask the real problem)."""
+    if h5.is_torch_file(path):
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "coords" in f
+    except OSError:
+        return True
 
 
 def _display(p: Path, root: Path) -> str:
@@ -187,7 +248,8 @@ class Cohort:
                                         "duplicate slide_id"))
         feat_dir = layout.files["features"]
         given = df["path"] if "path" in df.columns else pd.Series([np.nan] * len(df), index=df.index)
-        df["path"] = [str(root / p) if isinstance(p, str) and p else str(feat_dir / f"{sid}.h5")
+        torch_only = _torch_only_names(feat_dir)
+        df["path"] = [str(root / p) if isinstance(p, str) and p else str(feat_dir / _default_name(sid, torch_only))
                       for sid, p in zip(df["slide_id"], given)]
         rest = [c for c in df.columns if c not in ("slide_id", "patient_id", "path")]
         slides = df[["slide_id", "patient_id", "path"] + rest].set_index("slide_id")
@@ -258,6 +320,31 @@ class Cohort:
         if slide_id not in self.slides.index:
             raise SlidefmError(f"slide {slide_id!r} is not in {self.display(self.layout.files['slides'])}")
         return self.reader.read(slide_id)
+
+    def slides_without_positions(self, first_only: bool = False) -> list[str]:
+        """Slides that are features-only bags (no coords), in slides.csv order.
+
+        From the packed store's index or the last validation when available; else from the files
+        (a .pt file never has positions; an HDF5 file is opened only to look for ``coords``).
+        """
+        if self._store is not None:
+            flags = self._store.has_positions()
+            known = {sid: flags[i] for i, sid in enumerate(self._store.slide_ids)}
+        elif "slide_stats" in self._cache:
+            st = self._cache["slide_stats"][0]
+            known = dict(zip(st.index, st["has_coords"].astype(bool))) if "has_coords" in st else {}
+        else:
+            known = {}
+        out = []
+        for sid, path in zip(self.slides.index, self.slides["path"]):
+            has = known.get(sid)
+            if has is None:
+                has = _file_has_coords(Path(path))
+            if not has:
+                out.append(sid)
+                if first_only:
+                    break
+        return out
 
     @property
     def feature_dim(self) -> int:

@@ -4,7 +4,8 @@ Layout (docs/cohort.md)::
 
     STORE/index.json          format, D, shards, per-slide table (columnar), source sizes/mtimes
     STORE/features-00000.npy  (rows, D) in the slides' stored dtype (float16 stays float16)
-    STORE/grid.npy            (T, 4) int64: level-0 x, y, grid col, grid row for every patch
+    STORE/grid.npy            (T, 4) int64: level-0 x, y, grid col, grid row for every patch (zeros for
+                              features-only bags, whose index entry has has_positions=false)
 
 A slide is one contiguous row range of one shard and of ``grid.npy``. Rows are in the HDF5 order,
 so reading from the store returns exactly what reading the HDF5 file returns.
@@ -23,7 +24,7 @@ import numpy as np
 from slidefm.cohort import h5
 from slidefm.cohort.reader import Cohort, SlideData, SlideReader, slide_data
 from slidefm.errors import CohortError, Problem, SlidefmError
-from slidefm.grid import GridError, coords_to_grid
+from slidefm.grid import GridError
 from slidefm.io_utils import atomic_path
 
 FORMAT = "slidefm-store/1"
@@ -31,7 +32,7 @@ INDEX = "index.json"
 GRID = "grid.npy"
 DEFAULT_SHARD_BYTES = 1 << 30
 _COLUMNS = ("slide_id", "shard", "offset", "row", "n", "step", "patch_size_level0", "origin_x", "origin_y",
-            "source", "source_size", "source_mtime_ns")
+            "source", "source_size", "source_mtime_ns", "has_positions", "step_source", "snapped", "collided")
 
 
 def _source_stat(path: str | Path) -> tuple[int, int]:
@@ -64,6 +65,8 @@ class StoreSlideReader(SlideReader):
         self.pos = {sid: i for i, sid in enumerate(t["slide_id"])}
         self.table = {k: np.asarray(t[k], dtype=np.int64) for k in ("shard", "offset", "row", "n", "step")}
         self.psl0 = list(t["patch_size_level0"])
+        # Stores packed before features-only bags existed have no such column: every slide had coords.
+        self.has_positions = [bool(v) for v in t.get("has_positions", [True] * len(t["slide_id"]))]
         self._files: tuple[list[tuple[int, int]], tuple[int, int]] | None = None  # (fd, data offset)
         self._pid = None
 
@@ -122,6 +125,8 @@ class StoreSlideReader(SlideReader):
     def read(self, slide_id: str) -> SlideData:
         feats, g = self.read_arrays(slide_id)
         i = self.pos[slide_id]
+        if not self.has_positions[i]:
+            return slide_data(slide_id, feats, None, None, 0, self.psl0[i])
         return slide_data(slide_id, feats, g[:, :2], g[:, 2:], int(self.table["step"][i]), self.psl0[i])
 
 
@@ -141,6 +146,11 @@ class PackedStore:
     @property
     def slide_ids(self) -> list[str]:
         return list(self.index["slides"]["slide_id"])
+
+    def has_positions(self) -> list[bool]:
+        """Per slide (in ``slide_ids`` order): False for features-only bags."""
+        t = self.index["slides"]
+        return [bool(v) for v in t.get("has_positions", [True] * len(t["slide_id"]))]
 
     def reader(self) -> StoreSlideReader:
         return StoreSlideReader(self.path, self.index)
@@ -212,9 +222,12 @@ def pack_cohort(cohort: Cohort, out: str | Path | None = None, shard_bytes: int 
                 current = shard
             path = cohort.slide_path(sid)
             size, mtime = _source_stat(path)  # taken before reading: a file changed mid-pack reads as stale
-            n, step, psl0, origin = _copy_slide(sid, path, cohort, mm, offset, grid, row)
-            for key, v in zip(_COLUMNS, (sid, shard, offset, row, n, step, psl0, origin[0], origin[1],
-                                         cohort.display(path), size, mtime)):
+            n, g, psl0 = _copy_slide(sid, path, cohort, mm, offset, grid, row)
+            geo = (g.step, g.origin[0], g.origin[1]) if g is not None else (0, 0, 0)
+            for key, v in zip(_COLUMNS, (sid, shard, offset, row, n, geo[0], psl0, geo[1], geo[2],
+                                         cohort.display(path), size, mtime, g is not None,
+                                         g.source if g is not None else None, g.snapped if g is not None else 0,
+                                         g.collided if g is not None else 0)):
                 cols[key].append(v)
             row += n
             if progress is not None:
@@ -239,21 +252,23 @@ def pack_cohort(cohort: Cohort, out: str | Path | None = None, shard_bytes: int 
 
 
 def _copy_slide(sid: str, path: Path, cohort: Cohort, mm: np.ndarray, offset: int, grid: np.ndarray,
-                row: int) -> tuple[int, int, int | None, tuple[int, int]]:
+                row: int):
+    """Copy one slide's features into the shard and its grid rows; returns (n, Grid or None, patch_size_level0)."""
+    from slidefm.cohort.reader import slide_grid
+
     where = f"slide {sid}"
 
     def fail(msg: str) -> CohortError:
         return CohortError([Problem(cohort.display(path), where, msg)])
 
     try:
-        with h5.open_slide_file(path) as f:
-            header, problems = h5.inspect_file(f)
-            if header is None:
-                raise fail("; ".join(problems))
-            coords = h5.read_coords(f, header)
-            a = header.attrs
-            g = coords_to_grid(coords, a.get("patch_size_level0"), a.get("overlap"), a.get("patch_size"))
-            for start, chunk in h5.iter_feature_chunks(f, header, 8192):
+        with h5.SlideSource(path) as src:
+            if src.header is None:
+                raise fail("; ".join(src.problems))
+            header = src.header
+            coords = src.coords()
+            g = None if coords is None else slide_grid(coords, header)
+            for start, chunk in src.chunks(8192):
                 bad = h5.nonfinite_rows(chunk)
                 if len(bad):
                     raise fail(f"NaN/Inf features at patch row {start + int(bad[0])}")
@@ -261,6 +276,9 @@ def _copy_slide(sid: str, path: Path, cohort: Cohort, mm: np.ndarray, offset: in
     except (h5.SlideFileError, GridError, OSError) as e:
         raise fail(str(e)) from None
     n = header.n
-    grid[row:row + n, :2] = coords
-    grid[row:row + n, 2:] = g.positions
-    return n, g.step, header.patch_size_level0, g.origin
+    if g is None:
+        grid[row:row + n] = 0  # features-only bag: no positions (has_positions=False in the index)
+    else:
+        grid[row:row + n, :2] = coords
+        grid[row:row + n, 2:] = g.positions
+    return n, g, header.patch_size_level0

@@ -23,7 +23,9 @@ from slidefm.grid import GridError, coords_to_grid
 
 CHUNK_ROWS = 8192
 SPLITS = ("train", "val", "test")
-STAT_COLUMNS = ["n", "dim", "dtype", "patch_size_level0", "target_magnification"]
+# Per-slide table of a validation; the geometry columns are None for features-only bags.
+STAT_COLUMNS = ["n", "dim", "dtype", "patch_size_level0", "target_magnification", "has_coords", "kind", "step",
+                "step_source", "grid_w", "grid_h", "occupancy", "neighbour_share", "snapped", "collided"]
 
 
 @dataclass
@@ -50,26 +52,25 @@ def _rows(idx: np.ndarray, limit: int = 5) -> str:
 
 
 def check_slide(job: tuple[str, str, str, str, bool, int]) -> tuple[tuple | None, list[Problem]]:
-    """Check one slide file; returns (stats row or None, problems). Top-level so it pickles."""
+    """Check one slide file (HDF5 or .pt); returns (stats row or None, problems). Top-level so it pickles."""
     sid, path, display, where, scan_values, chunk_rows = job
     try:
-        f = h5.open_slide_file(Path(path))
+        src = h5.SlideSource(Path(path))
     except h5.SlideFileError as e:
         return None, [Problem(display, where, str(e))]
     problems: list[Problem] = []
-    with f:
-        header, msgs = h5.inspect_file(f)
+    grid = None
+    with src:
+        header = src.header
         if header is None:
-            return None, [Problem(display, where, m) for m in msgs]
+            return None, [Problem(display, where, m) for m in src.problems]
         a = header.attrs
-        if header.patch_size_level0 is None:
-            problems.append(Problem(display, where, "no patch_size_level0 attribute (on coords or the file root); "
-                                    "grid stride inferred from the coordinates alone", "warning"))
         try:
-            coords = h5.read_coords(f, header)
-            _check_coords(coords, a, display, where, problems)
+            coords = src.coords()
+            if coords is not None:
+                grid = _check_coords(coords, a, display, where, problems)
             if scan_values:
-                bad = [start + h5.nonfinite_rows(c) for start, c in h5.iter_feature_chunks(f, header, chunk_rows)]
+                bad = [start + h5.nonfinite_rows(c) for start, c in src.chunks(chunk_rows)]
                 bad_rows = np.concatenate(bad)
                 if len(bad_rows):
                     problems.append(Problem(display, f"{where}, patch rows {_rows(bad_rows)}",
@@ -78,12 +79,19 @@ def check_slide(job: tuple[str, str, str, str, bool, int]) -> tuple[tuple | None
             problems.append(Problem(display, where, str(e)))
         except OSError as e:  # corrupt chunk / truncated file only shows up when values are read
             problems.append(Problem(display, where, f"cannot read data ({e})"))
-    stats = (sid, header.n, header.dim, str(header.dtype), header.patch_size_level0, a.get("target_magnification"))
+    geo = (None,) * 8
+    if grid is not None:
+        w, h = grid.shape
+        geo = (grid.step, grid.source, w, h, round(grid.occupancy, 6), round(grid.neighbour_share, 4), grid.snapped,
+               grid.collided)
+    stats = (sid, header.n, header.dim, str(header.dtype), header.patch_size_level0, a.get("target_magnification"),
+             header.has_coords, header.kind, *geo)
     return stats, problems
 
 
 def _check_coords(coords: np.ndarray, attrs: dict[str, Any], display: str, where: str,
-                  problems: list[Problem]) -> None:
+                  problems: list[Problem]):
+    """Duplicates, then the grid and its plausibility; returns the Grid (None when it cannot be built)."""
     lo = coords.min(0)
     span = coords.max(0) - lo + 1
     key = (coords[:, 0] - lo[0]) * span[1] + (coords[:, 1] - lo[1])
@@ -94,11 +102,26 @@ def _check_coords(coords: np.ndarray, attrs: dict[str, Any], display: str, where
         x, y = coords[first[0]]
         problems.append(Problem(display, f"{where}, patch rows {first[0]} and {first[1]}",
                                 f"{len(same)} duplicate coordinate(s), e.g. ({x}, {y})"))
-        return
+        return None
     try:
-        coords_to_grid(coords, attrs.get("patch_size_level0"), attrs.get("overlap"), attrs.get("patch_size"))
+        grid = coords_to_grid(coords, attrs=attrs, check_duplicates=False)
     except GridError as e:
         problems.append(Problem(display, where, str(e)))
+        return None
+    for msg in grid.problems():
+        problems.append(Problem(display, where, msg))
+    if grid.declared_step is not None:
+        problems.append(Problem(display, where, f"declared geometry gives a {grid.declared_step} px stride, but "
+                                f"neighbouring patches are {grid.step} px apart (overlap not recorded?); the grid "
+                                "follows the coordinates", "warning"))
+    if grid.source == "inferred" and grid.declared_step is None:
+        problems.append(Problem(display, where, "no patch geometry attributes (patch_size_level0, CLAM's patch_size/"
+                                f"downsample, TRIDENT's magnifications); stride {grid.step} px measured from the "
+                                "coordinates", "warning"))
+    if grid.collided > 0.01 * grid.num_patches and not grid.problems():
+        problems.append(Problem(display, where, f"{grid.collided} of {grid.num_patches} patches collided on the "
+                                f"stride-{grid.step} grid and were moved to the nearest free cell", "warning"))
+    return grid
 
 
 def _slide_jobs(cohort: Cohort, scan_values: bool, chunk_rows: int) -> list[tuple]:
@@ -129,6 +152,7 @@ def check_slides(cohort: Cohort, scan_values: bool = True, workers: int | None =
         for sid, d in stats["dim"][stats["dim"] != main].items():
             problems.append(Problem(*where[sid], f"feature width D={d}, but {dims.iloc[0]} other slide(s) have "
                                     f"D={main}; all slides of a cohort need the same patch encoder"))
+    problems.extend(_check_positions_mixed(stats, where))
     mags = stats["target_magnification"].dropna()
     if mags.nunique() > 1:
         counts = mags.value_counts()
@@ -137,7 +161,29 @@ def check_slides(cohort: Cohort, scan_values: bool = True, workers: int | None =
             problems.append(Problem("features", "slides " + ", ".join(sids[:5]) + (" ..." if len(sids) > 5 else ""),
                                     f"{len(sids)} slide(s) extracted at {mag}x while {counts.iloc[0]} are at "
                                     f"{counts.index[0]}x", "warning"))
+    cohort._cache["slide_stats"] = (stats, [])  # Cohort.slides_without_positions reads it
     return ValidationReport(problems, stats)
+
+
+def _check_positions_mixed(stats: pd.DataFrame, where: dict[str, tuple[str, str]]) -> list[Problem]:
+    """A cohort is all features-only bags or all with coords. An HDF5 file that lacks ``coords`` among
+    files that have them is broken (an error, as the contract says); a .pt bag among them is a warning."""
+    has = stats["has_coords"].astype(bool)
+    if has.all() or not has.any():
+        return []
+    out = []
+    n_with = int(has.sum())
+    pt = []
+    for sid in stats.index[~has]:
+        if stats.at[sid, "kind"] == "pt":
+            pt.append(sid)
+        else:
+            out.append(Problem(*where[sid], f"no 'coords' dataset, while {n_with} other slide(s) have coordinates"))
+    if pt:
+        out.append(Problem("features", "slides " + ", ".join(pt[:5]) + (" ..." if len(pt) > 5 else ""),
+                           f"{len(pt)} features-only .pt bag(s) among {n_with} slide(s) with coordinates: models "
+                           "that need positions will refuse this cohort", "warning"))
+    return out
 
 
 def _numeric(col: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -292,6 +338,44 @@ def validate_cohort(cohort: Cohort, scan_values: bool = True, workers: int | Non
     return report
 
 
+def summarize_geometry(stats: pd.DataFrame) -> dict[str, Any]:
+    """Grid figures over the slides with coordinates: strides and their sources, grid sizes,
+    occupancy, share of patches with a neighbour, snapped and collided patches."""
+    has = stats["has_coords"].astype(bool)
+    g = stats[has & stats["step"].notna()]
+    out: dict[str, Any] = {"slides_with_coords": int(has.sum()), "slides_without_coords": int((~has).sum())}
+    if len(g):
+        out["stride_px"] = {str(int(k)): int(v) for k, v in g["step"].value_counts().sort_index().items()}
+        out["stride_source"] = {str(k): int(v) for k, v in g["step_source"].value_counts().items()}
+        cells = g["grid_w"].astype(np.int64) * g["grid_h"].astype(np.int64)
+        big = cells.idxmax()
+        out["grid"] = {"median_w": float(g["grid_w"].median()), "median_h": float(g["grid_h"].median()),
+                       "largest": f"{int(g.at[big, 'grid_w'])} x {int(g.at[big, 'grid_h'])}"}
+        occ, nb = g["occupancy"].astype(float), g["neighbour_share"].astype(float)
+        out["occupancy"] = {"min": round(float(occ.min()), 4), "median": round(float(occ.median()), 4),
+                            "max": round(float(occ.max()), 4)}
+        out["neighbour_share"] = {"min": round(float(nb.min()), 4), "median": round(float(nb.median()), 4)}
+        out["snapped"] = {"patches": int(g["snapped"].sum()), "slides": int((g["snapped"] > 0).sum())}
+        out["collided"] = {"patches": int(g["collided"].sum()), "slides": int((g["collided"] > 0).sum())}
+    return out
+
+
+def format_slide_geometry(stats: pd.DataFrame) -> list[str]:
+    """One line per slide (`slidefm check --verbose`)."""
+    lines = []
+    for sid, r in stats.iterrows():
+        if not r["has_coords"]:
+            lines.append(f"  slide {sid}: {r['n']} patches, no coords (features-only {r['kind']} bag)")
+        elif r["step"] is None or pd.isna(r["step"]):
+            lines.append(f"  slide {sid}: {r['n']} patches, no grid (see the problems below)")
+        else:
+            lines.append(f"  slide {sid}: {r['n']} patches, stride {int(r['step'])} px ({r['step_source']}), grid "
+                         f"{int(r['grid_w'])} x {int(r['grid_h'])}, occupancy {100 * r['occupancy']:.1f}%, "
+                         f"{100 * r['neighbour_share']:.0f}% with a neighbour, snapped {int(r['snapped'])}, "
+                         f"collided {int(r['collided'])}")
+    return lines
+
+
 def summarize(cohort: Cohort, report: ValidationReport) -> dict[str, Any]:
     """Figures for `slidefm check`: sizes, feature width and modality/label coverage."""
     stats = report.slide_stats
@@ -312,6 +396,7 @@ def summarize(cohort: Cohort, report: ValidationReport) -> dict[str, Any]:
                                     "total": int(n.sum())}
         out["feature_dim"] = int(stats["dim"].mode().iloc[0])
         out["dtypes"] = {k: int(v) for k, v in stats["dtype"].value_counts().items()}
+        out["geometry"] = summarize_geometry(stats)
     reports = safe(lambda: cohort.reports)
     if reports is not None:
         out["share_with_report"] = round(reports["patient_id"].isin(pids).groupby(reports["patient_id"]).any()

@@ -14,6 +14,8 @@ from slidefm.errors import CohortError, Problem
 class CheckConfig:
     quick: bool = field(default=False, metadata={"help": "skip the NaN/Inf scan of feature values"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of text"})
+    verbose: bool = field(default=False, metadata={"help": "one line per slide: stride and its source, grid "
+                                                   "size, occupancy, snapped and collided patches"})
     workers: int | None = field(default=None, metadata={"help": "processes checking slide files "
                                                         "(default: up to 8 when there are many slides)"})
 
@@ -39,6 +41,7 @@ def format_summary(s: dict) -> list[str]:
                      f"(total {p['total']})")
         dtypes = ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items())
         lines.append(f"  feature dim D: {s['feature_dim']} ({dtypes})")
+        lines.extend(format_geometry(s.get("geometry") or {}))
     for key, value in s.items():
         if key.startswith("share_with_") and key != "share_with_label":
             extra = f" ({s['expression_units']})" if key == "share_with_expression" else ""
@@ -50,13 +53,35 @@ def format_summary(s: dict) -> list[str]:
     return lines
 
 
-def _emit(args, ok: bool, summary: dict | None, problems: list[Problem]) -> None:
+def format_geometry(g: dict) -> list[str]:
+    """Summary lines on the slides' grids (slidefm.grid): what the model's positions will be."""
+    lines = []
+    if g.get("slides_without_coords"):
+        lines.append(f"  features-only slides (no coords): {g['slides_without_coords']} of "
+                     f"{g['slides_without_coords'] + g['slides_with_coords']} (position-free aggregators only)")
+    if "stride_px" in g:
+        strides = ", ".join(f"{k} px x{v}" for k, v in g["stride_px"].items())
+        sources = ", ".join(f"{k} x{v}" for k, v in g["stride_source"].items())
+        lines.append(f"  grid stride: {strides} (from {sources})")
+        o, nb, gr = g["occupancy"], g["neighbour_share"], g["grid"]
+        lines.append(f"  grid size: median {gr['median_w']:g} x {gr['median_h']:g} cells, largest {gr['largest']}; "
+                     f"occupancy min {_pct(o['min'])}, median {_pct(o['median'])}, max {_pct(o['max'])}; "
+                     f"patches with a neighbour: min {_pct(nb['min'])}, median {_pct(nb['median'])}")
+        lines.append(f"  snapped to the slide's lattice: {g['snapped']['patches']} patches on {g['snapped']['slides']}"
+                     f" slide(s); collided (moved to a free cell): {g['collided']['patches']} patches on "
+                     f"{g['collided']['slides']} slide(s)")
+    return lines
+
+
+def _emit(args, ok: bool, summary: dict | None, problems: list[Problem], slide_lines: list[str] = ()) -> None:
     if args.json:
         print(json.dumps({"ok": ok, "summary": summary, "problems": [
             {"level": p.level, "file": p.file, "where": p.where, "message": p.message} for p in problems]}, indent=2))
         return
     if summary is not None:
         print("\n".join(format_summary(summary)))
+    for line in slide_lines:
+        print(line)
     for p in sorted(problems, key=lambda p: p.level != "error"):
         print(f"  {p}")
     n_err = sum(p.level == "error" for p in problems)
@@ -66,6 +91,7 @@ def _emit(args, ok: bool, summary: dict | None, problems: list[Problem]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from slidefm.cohort import Cohort, summarize, validate_cohort
+    from slidefm.cohort.validate import format_slide_geometry
 
     cfg = dataclass_from_args(CheckConfig, args)
     try:
@@ -74,5 +100,6 @@ def run(args: argparse.Namespace) -> int:
         _emit(cfg, False, None, e.problems)
         return 1
     report = validate_cohort(cohort, scan_values=not cfg.quick, workers=cfg.workers)
-    _emit(cfg, report.ok, summarize(cohort, report), report.problems)
+    slide_lines = format_slide_geometry(report.slide_stats) if cfg.verbose else []
+    _emit(cfg, report.ok, summarize(cohort, report), report.problems, slide_lines)
     return 0 if report.ok else 1
