@@ -127,8 +127,8 @@ def test_open_errors(tmp_path):
     pd.DataFrame({"slide": ["a"]}).to_csv(tmp_path / "c" / "slides.csv", index=False)
     with pytest.raises(CohortError, match=r"missing required column\(s\) \['slide_id', 'patient_id'\]"):
         Cohort.open(tmp_path / "c")
-    (tmp_path / "c" / "cohort.yaml").write_text("slidez: x.csv\n")
-    with pytest.raises(CohortError, match=r"cohort.yaml.*unknown key\(s\) \['slidez'\]"):
+    (tmp_path / "c" / "cohort.yaml").write_text("slides: {path: x.csv}\n")
+    with pytest.raises(CohortError, match=r"cohort.yaml \[slides\]: expected a path"):
         Cohort.open(tmp_path / "c")
     (tmp_path / "c" / "cohort.yaml").write_text("expression: {path: e.h5ad, units: fpkm}\n")
     with pytest.raises(CohortError, match="units 'fpkm' not one of counts, tpm, log"):
@@ -157,3 +157,47 @@ def test_validate_true_raises(cohort_dir):
     assert any("S001" in p.where for p in c.validate())
     with pytest.raises(CohortError, match=r"features/S001.h5 \[slide S001, slides.csv line 3\]: file not found"):
         Cohort.open(cohort_dir, validate=True)
+
+
+def _mutations(root, name="mut.h5ad"):
+    anndata.AnnData(X=np.array([[0, 1], [1, 0], [1, 1]], np.float32),
+                    obs=pd.DataFrame(index=["P000", "P001", "P002"])).write_h5ad(root / name)
+
+
+@pytest.mark.parametrize("form", ["top_level", "under_omics", "bare_file_name"])
+def test_cohort_yaml_omics_forms(tmp_path, form):
+    """The contract puts other omics tables at the top level of cohort.yaml; `omics:` works too."""
+    root = write_cohort(tmp_path, reports=False, tasks=False)
+    _mutations(root)
+    spec = {"path": "mut.h5ad", "units": "binary"}
+    doc = {"top_level": {"mutations": spec}, "under_omics": {"omics": {"mutations": spec}},
+           "bare_file_name": {"mutations": "mut.h5ad"}}[form]
+    (root / "cohort.yaml").write_text(yaml.safe_dump({"name": "my-cohort", **doc}))
+    c = Cohort.open(root)
+    adata, units = c.omics["mutations"]
+    assert list(adata.obs_names) == ["P000", "P001", "P002"]
+    assert units == ("continuous" if form == "bare_file_name" else "binary")
+    problems = c.validate()
+    assert [p for p in problems if p.level == "error"] == []
+    # Metadata is kept out of the way with one warning, never an error.
+    (name_warning,) = [p for p in problems if p.where == "name"]
+    assert name_warning.level == "warning" and "ignored" in name_warning.message
+
+
+def test_cohort_yaml_other_keys(tmp_path):
+    root = write_cohort(tmp_path, reports=False, tasks=False, expression=False)
+    _mutations(root)
+    (root / "cohort.yaml").write_text(yaml.safe_dump({"reprots": "r.csv", "version": 2, "tags": ["liver"]}))
+    problems = Cohort.open(root).validate()
+    by_key = {p.where: p for p in problems}
+    assert all(p.level == "warning" for p in problems) and set(by_key) == {"reprots", "version", "tags"}
+    assert "did you mean 'reports'?" in by_key["reprots"].message
+    # The same table under both forms is ambiguous: an error naming it.
+    (root / "cohort.yaml").write_text(yaml.safe_dump({"mutations": {"path": "mut.h5ad"},
+                                                      "omics": {"mutations": {"path": "mut.h5ad"}}}))
+    with pytest.raises(CohortError, match=r"cohort.yaml \[mutations\]: table declared twice"):
+        Cohort.open(root)
+    # A top-level table spec with bad units is an error like any table.
+    (root / "cohort.yaml").write_text(yaml.safe_dump({"mutations": {"path": "mut.h5ad", "units": "percent"}}))
+    with pytest.raises(CohortError, match=r"\[mutations\]: units 'percent' not one of"):
+        Cohort.open(root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,17 @@ def load_layout(root: Path) -> tuple[Layout, list[Problem]]:
         if not isinstance(cfg, dict):
             problems.append(Problem(CONFIG_FILE, "", "expected a mapping of keys to file names"))
             cfg = {}
-    unknown = set(cfg) - set(_FILE_KEYS) - {"expression", "omics"}
-    if unknown:
-        allowed = ", ".join(sorted(set(_FILE_KEYS) | {"expression", "omics"}))
-        problems.append(Problem(CONFIG_FILE, "", f"unknown key(s) {sorted(unknown)}; allowed: {allowed}"))
+    # Other keys: an omics table when the value is a table spec (the contract's top-level form,
+    # `mutations: {path: mutations.h5ad, units: binary}`), else harmless metadata (`name: my-cohort`).
+    top_omics: dict[str, Any] = {}
+    for key in [k for k in cfg if k not in _FILE_KEYS and k not in ("expression", "omics")]:
+        value = cfg[key]
+        if _is_table_spec(value):
+            top_omics[str(key)] = value
+            continue
+        hint = difflib.get_close_matches(str(key), list(_FILE_KEYS) + ["expression", "omics"], n=1)
+        problems.append(Problem(CONFIG_FILE, str(key), "ignored: not a file name or table spec ({path: FILE.h5ad, "
+                                "units: UNITS})" + (f"; did you mean '{hint[0]}'?" if hint else ""), "warning"))
     files, declared = {}, set()
     for key, default in _FILE_KEYS.items():
         value = cfg.get(key)
@@ -118,4 +126,18 @@ def load_layout(root: Path) -> tuple[Layout, list[Problem]]:
         spec = _table(root, f"omics.{name}", value, "continuous", OMICS_UNITS, problems)
         if spec is not None:
             omics[str(name)] = spec
+    for name, value in top_omics.items():
+        if name in raw:
+            problems.append(Problem(CONFIG_FILE, name, f"table declared twice (top level and omics.{name})"))
+            continue
+        spec = _table(root, name, value, "continuous", OMICS_UNITS, problems)
+        if spec is not None:
+            omics[name] = spec
     return Layout(root, files, declared, expression, omics), problems
+
+
+def _is_table_spec(value: Any) -> bool:
+    """{path: ..., [units: ...]} or a bare AnnData file name."""
+    if isinstance(value, dict):
+        return "path" in value
+    return isinstance(value, str) and value.lower().endswith(".h5ad")
