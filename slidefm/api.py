@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slidefm import checkpoint as checkpoints
 from slidefm.data.batch import PackedSlides, pack_slides
 from slidefm.errors import SlidefmError
 from slidefm.export import ExportConfig, check_feature_dim, encode_slides_chunked, file_sha256, write_tokens_h5
@@ -22,16 +23,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SlidefmError(f"checkpoint {path} does not exist")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise SlidefmError(f"cannot read checkpoint {path}: {e}") from e
-    if "slidefm" not in ck:
-        raise SlidefmError(f"{path} is not a slidefm checkpoint (no 'slidefm' section)")
-    return ck
+    """A slidefm checkpoint, read safely (``weights_only=True``) and format-checked; see :mod:`slidefm.checkpoint`."""
+    return checkpoints.read(path)
 
 
 class Encoder:
@@ -49,20 +42,9 @@ class Encoder:
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto") -> "Encoder":
-        from slidefm.models.model import SlideFM
-        from slidefm.train.module import to_config
-
-        ck = load_checkpoint(checkpoint)
-        meta = ck["slidefm"]
-        cfg = to_config(meta["config"])
-        model = SlideFM(cfg.model, int(meta["in_dim"]), meta.get("modality_dims") or {},
-                        text_precomputed=_text_precomputed(cfg), preprocessing=meta.get("preprocessing"))
-        state = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise SlidefmError(f"checkpoint {checkpoint} does not match its own config: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        return cls(model, meta, str(checkpoint), file_sha256(checkpoint), resolve_device(device))
+        ck = checkpoints.read(checkpoint)
+        model, _ = checkpoints.build_model(ck, checkpoint)
+        return cls(model, ck[checkpoints.SECTION], str(checkpoint), file_sha256(checkpoint), resolve_device(device))
 
     @property
     def dim(self) -> int:
@@ -225,11 +207,6 @@ class Encoder:
         """Project slide/patient embeddings into the shared (contrastive) space, e.g. for zero-shot."""
         with torch.inference_mode():
             return self.model.project_patients(torch.as_tensor(slide_emb, device=self.device)).float().cpu().numpy()
-
-
-def _text_precomputed(cfg) -> bool:
-    rep = cfg.model.report
-    return rep is None or str(rep.get("trainable", "frozen")) == "frozen"
 
 
 def _clean_obs(df):

@@ -16,7 +16,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from slidefm.data.config import DataConfig
-from slidefm.train.optim import OptimConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms/biases/tokens)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.01, metadata={"help": "final lr as a fraction of the peak"})
+    total_steps: Optional[int] = field(default=None, metadata={"help": "schedule length (default: trainer.max_steps)"})
 
 
 @dataclass

@@ -40,14 +40,13 @@ def table(cls: type, prefix: str) -> list[str]:
 
 
 def render() -> str:
-    from slidefm.config import ModelConfig, TrainerConfig
+    from slidefm.config import ModelConfig, OptimConfig, TrainerConfig
     from slidefm.data.config import DataConfig, ExpressionDataConfig
     from slidefm.data.views import ViewConfig
     from slidefm.modalities import MODALITY_ENCODERS
     from slidefm.models.aggregators import AGGREGATORS
     from slidefm.models.case import CaseConfig
     from slidefm.objectives import OBJECTIVES
-    from slidefm.train.optim import OptimConfig
 
     out = [
         "# Configuration reference",

@@ -70,7 +70,7 @@ def test_signal_saves_last_ckpt_at_next_step_and_hands_over(tmp_path, fake_previ
     assert trainer.global_step == 7, "the trainer must stop right after the step that saw the signal"
     ckpt = resume_checkpoint(tmp_path)
     assert ckpt == tmp_path / "checkpoints" / "last.ckpt" and callback.saved_path == ckpt
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == 7
     assert not (tmp_path / "checkpoints" / "last.ckpt.tmp").exists()
     # Our handler is gone again after fit: the previous one is back.
@@ -85,7 +85,7 @@ def test_resume_is_exact(tmp_path, fake_previous_handler, signal_at):
 
     _, first, _ = _interrupted(tmp_path / "run", signal_at)
     ckpt = resume_checkpoint(tmp_path / "run")
-    assert ckpt is not None and torch.load(ckpt, weights_only=False)["global_step"] == signal_at + 1
+    assert ckpt is not None and torch.load(ckpt, weights_only=True)["global_step"] == signal_at + 1
 
     # A fresh process state: different seed and init, so only the checkpoint can make it match.
     pl.seed_everything(1234)

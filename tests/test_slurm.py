@@ -158,7 +158,7 @@ def test_multirun_requeue_resumes_to_exact_step(slurm_cluster, tmp_path):
         assert start["step"] == prev["step"] > 0
     # No step lost or repeated: the runs' own step counts add up to max_steps.
     assert sum(e["steps_run"] for e in stops) == MAX_STEPS
-    final = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    final = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == MAX_STEPS
     # submitit recorded one successful result: the return value of the final run only.
     import pickle
@@ -199,5 +199,5 @@ def test_slidefm_train_multirun_on_slurm(slurm_cluster, tmp_path):
     script = next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
     assert "#SBATCH --ntasks-per-node=1" in script and "#SBATCH --signal=USR2@300" in script
     assert "#SBATCH --requeue" in script
-    last = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 3

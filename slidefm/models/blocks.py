@@ -208,4 +208,20 @@ class CrossAttentionBlock(_BlockBase):
         return self._mlp_residual(q, q_offsets)
 
 
-__all__ = ["Block", "CrossAttentionBlock", "PackedSelfAttention", "PackedCrossAttention", "SlideDropPath"]
+def set_grad_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing on/off for every block inside ``module``; returns how many blocks.
+
+    A checkpointed block keeps only its input and recomputes its activations in backward
+    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved so dropout/DropPath draw the same);
+    it applies only in training with grad enabled, so inference and no-grad teachers are unaffected.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, _BlockBase):
+            m.grad_checkpointing = bool(enabled)
+            n += 1
+    return n
+
+
+__all__ = ["Block", "CrossAttentionBlock", "PackedSelfAttention", "PackedCrossAttention", "SlideDropPath",
+           "set_grad_checkpointing"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from slidefm.errors import SlidefmError
 from slidefm.models.segments import segment_index, segment_max, segment_mean
-from slidefm.models.blocks import Block
+from slidefm.models.blocks import Block, set_grad_checkpointing
 from slidefm.registry import Registry
 
 __all__ = ["CASE_MODELS", "CaseConfig", "CaseTransformer", "build_case_transformer", "pool_slides"]
@@ -79,6 +79,9 @@ class CaseTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         trunc_normal_(self.case_token, std=0.02)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        set_grad_checkpointing(self, enabled)
 
     def forward(self, emb: Tensor, offsets: Tensor) -> Tensor:
         dev, s = emb.device, emb.shape[0]

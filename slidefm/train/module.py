@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 
-import slidefm
+from slidefm import checkpoint as checkpoints
 from slidefm.data.types import Batch
+from slidefm.models.blocks import set_grad_checkpointing
 from slidefm.models.model import SlideFM
 from slidefm.train.optim import build_optimizer
 from slidefm.train.rankme import rankme
-
-
-def code_version() -> dict[str, str]:
-    v = {"slidefm": slidefm.__version__, "torch": str(torch.__version__)}
-    try:
-        root = Path(slidefm.__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            v["git"] = out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return v
-
-
-def to_config(config: Any):
-    """Plain dict / DictConfig -> typed TrainConfig DictConfig (validates field names)."""
-    from slidefm.config import TrainConfig, register_configs
-
-    register_configs()
-    if OmegaConf.is_config(config):
-        config = OmegaConf.to_container(config, resolve=True)
-    # Merging onto the schema rejects unknown keys and fills options added after the checkpoint was written.
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), config)
 
 
 class SlideFMModule(pl.LightningModule):
@@ -51,9 +25,13 @@ class SlideFMModule(pl.LightningModule):
                  text_precomputed: bool = True, expert_dims: dict[str, int] | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.cfg = cfg = to_config(config)
+        self.cfg = cfg = checkpoints.to_config(config)
         self.model = SlideFM(cfg.model, in_dim, modality_dims, text_precomputed=text_precomputed,
                              preprocessing=preprocessing)
+        if cfg.trainer.grad_checkpointing:
+            # Blocks recompute activations in backward only while training with grad enabled:
+            # validation, export and the EMA teacher (no grad) run as before.
+            set_grad_checkpointing(self.model, True)
         from slidefm.objectives import OBJECTIVES
 
         obj = cfg.objectives
@@ -168,15 +146,9 @@ class SlideFMModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["slidefm"] = {
-            "format": 1,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "in_dim": int(self.hparams["in_dim"]),
-            "modality_dims": dict(self.hparams.get("modality_dims") or {}),
-            "preprocessing": self.preprocessing,
-            "tasks": list(self.hparams.get("tasks") or []),
-            "version": code_version(),
-        }
+        checkpoint[checkpoints.SECTION] = checkpoints.metadata(
+            self.cfg, in_dim=self.hparams["in_dim"], modality_dims=self.hparams.get("modality_dims"),
+            preprocessing=self.preprocessing, tasks=self.hparams.get("tasks"))
 
 
 def _scalar(v) -> bool:

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms/biases/tokens)"})
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
-    min_lr_ratio: float = field(default=0.01, metadata={"help": "final lr as a fraction of the peak"})
-    total_steps: Optional[int] = field(default=None, metadata={"help": "schedule length (default: trainer.max_steps)"})
+from slidefm.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -35,13 +35,9 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
-from slidefm.train.slurm import (
-    LAST_CHECKPOINT,
-    in_slurm_job,
-    in_submitit_job,
-    requeue_job,
-    resume_checkpoint,
-)
+from slidefm.checkpoint import LAST_CHECKPOINT, resume_checkpoint
+from slidefm.train.checkpoint_io import save_full_state
+from slidefm.train.slurm import in_slurm_job, in_submitit_job, requeue_job
 
 __all__ = ["PreemptionCheckpoint", "get_rng_state", "set_rng_state", "resume_checkpoint"]
 
@@ -190,7 +186,7 @@ class PreemptionCheckpoint(Callback):
         tmp = path.with_name(path.name + ".tmp")
         # Every rank must call save_checkpoint (it ends in a barrier; rank 0 writes). Write to
         # a temporary name and rename so a SIGKILL during the write never leaves a torn last.ckpt.
-        trainer.save_checkpoint(tmp)
+        save_full_state(trainer, tmp)
         if trainer.is_global_zero:
             os.replace(tmp, path)
         trainer.strategy.barrier("PreemptionCheckpoint.saved")

@@ -97,13 +97,9 @@ def build_everything(cfg: DictConfig):
 
 
 def load_slide_encoder(module, path: str) -> None:
-    from slidefm.api import load_checkpoint
+    from slidefm import checkpoint
 
-    ck = load_checkpoint(path)
-    prefix = "model.aggregator."
-    state = {k[len(prefix):]: v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise SlidefmError(f"{path} holds no slide encoder weights")
+    state = checkpoint.encoder_state(checkpoint.read(path), path)
     try:
         module.model.aggregator.load_state_dict(state)
     except RuntimeError as e:
@@ -177,7 +173,7 @@ def merge_metrics(log_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
-    from slidefm.train.slurm import resume_checkpoint
+    from slidefm.checkpoint import resume_checkpoint
 
     run_dir = Path(cfg.run_dir).resolve()
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -192,7 +188,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("resuming from %s", ckpt)
         if trainer.is_global_zero:
             stash_metrics(run_dir / "logs")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    # AtomicCheckpointIO reads with weights_only=True in any case; saying so keeps Lightning's own default out.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     if trainer.is_global_zero:
         merge_metrics(run_dir / "logs")
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
+from slidefm.checkpoint import LAST_CHECKPOINT, resume_checkpoint
 from slidefm.errors import SlidefmError
 
 __all__ = [
@@ -25,8 +25,6 @@ __all__ = [
     "resume_checkpoint",
     "LAST_CHECKPOINT",
 ]
-
-LAST_CHECKPOINT = "last.ckpt"
 
 
 def in_slurm_job() -> bool:
@@ -98,13 +96,3 @@ def requeue_job(job_id: str | None = None) -> None:
     if not job_id:
         raise SlidefmError("not inside a SLURM job: nothing to requeue")
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-
-
-def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """``run_dir/checkpoints/last.ckpt`` when it exists, else None.
-
-    Always resume from it when present: a requeued job re-runs the same command in the same
-    run directory and must continue, not restart.
-    """
-    path = Path(run_dir) / "checkpoints" / LAST_CHECKPOINT
-    return path if path.is_file() else None

@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> int:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[callback], plugins=cluster_plugins(),
     )
-    start = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if ckpt else 0
+    start = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] if ckpt else 0
     log_event(run_dir, event="start", resume=str(ckpt) if ckpt else None, step=start)
     try:
         trainer.fit(module, make_loader(), ckpt_path=ckpt)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
 from slidefm.models.segments import segment_index
-from slidefm.models.blocks import Block
+from slidefm.models.blocks import Block, set_grad_checkpointing
 from slidefm.models.grid_conv import grid_neighbours, sparse_depthwise_conv
 
 __all__ = ["PPEG", "TransMIL", "TransMILConfig", "grid_neighbours", "sparse_depthwise_conv"]
@@ -107,6 +107,9 @@ class TransMIL(Aggregator):
         self.apply(_init_linear)
         trunc_normal_(self.mask_token, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        set_grad_checkpointing(self, enabled)
 
     def forward(self, x: PackedSlides) -> AggregatorOutput:
         h = self.proj(x.tokens)

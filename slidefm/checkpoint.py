@@ -1,0 +1,180 @@
+"""Checkpoints: the one place that writes, reads and interprets them.
+
+A checkpoint is a Lightning checkpoint plus ``ckpt["slidefm"]`` (see :func:`metadata`). Every read goes
+through :func:`read`, which unpickles with ``torch.load(weights_only=True)`` (tensors, containers and
+primitives only: a file whose pickle would run code is refused) and checks the format. Training
+(``slidefm.train``: writing, resume through :class:`slidefm.train.checkpoint_io.AtomicCheckpointIO`,
+``model.init_from``) and inference (``slidefm.api``, export) both use this module; it imports the
+config schema and the model, never ``slidefm.train``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import slidefm
+from slidefm.errors import SlidefmError
+from slidefm.io_utils import atomic_path
+
+#: version of the ``ckpt["slidefm"]`` section this code writes; it reads this one and older ones
+FORMAT = 1
+SECTION = "slidefm"
+LAST_CHECKPOINT = "last.ckpt"
+ENCODER_PREFIX = "model.aggregator."
+MODEL_PREFIX = "model."
+
+__all__ = [
+    "FORMAT", "LAST_CHECKPOINT", "CheckpointError", "code_version", "metadata", "write", "read", "load_raw",
+    "check_format", "to_config", "encoder_state", "model_state", "build_model", "resume_checkpoint",
+]
+
+
+class CheckpointError(SlidefmError):
+    """A checkpoint that cannot be used: missing, unreadable, unsafe, foreign or of an unknown format."""
+
+
+def code_version() -> dict[str, str]:
+    """slidefm and torch versions, and the git commit when running from a checkout."""
+    v = {"slidefm": slidefm.__version__, "torch": str(torch.__version__)}
+    try:
+        root = Path(slidefm.__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            v["git"] = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def metadata(config: Any, in_dim: int, modality_dims: dict[str, int] | None = None,
+             preprocessing: dict | None = None, tasks: list[dict] | None = None) -> dict[str, Any]:
+    """The ``ckpt["slidefm"]`` section: everything needed to rebuild the model without the training code."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    return {
+        "format": FORMAT,
+        "config": config,
+        "in_dim": int(in_dim),
+        "modality_dims": dict(modality_dims or {}),
+        "preprocessing": preprocessing or {},
+        "tasks": list(tasks or []),
+        "version": code_version(),
+    }
+
+
+def write(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Save atomically: a kill mid-write never leaves a torn file under ``path``."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(path)
+
+
+def load_raw(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Unpickle with ``weights_only=True``; any failure (including a refused payload) is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file cannot be used
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load checkpoint {path}: it is corrupt or holds objects other than "
+                              f"tensors and plain data ({first})") from e
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ck).__name__}, not a checkpoint dictionary")
+    return ck
+
+
+def check_format(ck: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The ``slidefm`` section, after checking that this version can read it."""
+    meta = ck.get(SECTION)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a slidefm checkpoint (no '{SECTION}' section)")
+    fmt = meta.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise CheckpointError(f"{path}: the '{SECTION}' section has no valid format number (got {fmt!r})")
+    if fmt > FORMAT:
+        written = (meta.get("version") or {}).get("slidefm", "a newer version")
+        raise CheckpointError(f"{path} has checkpoint format {fmt}, written by slidefm {written}; this slidefm "
+                              f"({slidefm.__version__}) reads format {FORMAT} and older: upgrade slidefm")
+    if fmt < 1:
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt}")
+    for key in ("config", "in_dim"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: the '{SECTION}' section lacks '{key}'")
+    return meta
+
+
+def read(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """A whole slidefm checkpoint, safely unpickled and format-checked."""
+    ck = load_raw(path, map_location)
+    check_format(ck, path)
+    return ck
+
+
+def to_config(config: Any):
+    """Plain dict / DictConfig -> typed TrainConfig DictConfig (validates field names)."""
+    from omegaconf import OmegaConf
+
+    from slidefm.config import TrainConfig, register_configs
+
+    register_configs()
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    # Merging onto the schema rejects unknown keys and fills options added after the checkpoint was written.
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), config)
+
+
+def _state(ck: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
+
+
+def encoder_state(ck: dict[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """The slide encoder's (aggregator's) weights, keyed as in the aggregator: what ``model.init_from`` loads."""
+    state = _state(ck, ENCODER_PREFIX)
+    if not state:
+        raise CheckpointError(f"{path} holds no slide encoder weights")
+    return state
+
+
+def model_state(ck: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The whole :class:`slidefm.models.model.SlideFM` state (aggregator, case model, towers, projections)."""
+    return _state(ck, MODEL_PREFIX)
+
+
+def text_precomputed(cfg) -> bool:
+    """Whether the report tower reads cached embeddings of a frozen text encoder (else it holds the encoder)."""
+    rep = cfg.model.report
+    return rep is None or str(rep.get("trainable", "frozen")) == "frozen"
+
+
+def build_model(ck: dict[str, Any], path: str | os.PathLike = "checkpoint"):
+    """Rebuild the trained :class:`SlideFM` from the checkpoint alone; returns ``(model, cfg)``."""
+    from slidefm.models.model import SlideFM
+
+    meta = ck[SECTION]
+    cfg = to_config(meta["config"])
+    model = SlideFM(cfg.model, int(meta["in_dim"]), meta.get("modality_dims") or {},
+                    text_precomputed=text_precomputed(cfg), preprocessing=meta.get("preprocessing"))
+    missing, unexpected = model.load_state_dict(model_state(ck), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model, cfg
+
+
+def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``run_dir/checkpoints/last.ckpt`` when it exists, else None.
+
+    Always resume from it when present: a requeued job re-runs the same command in the same
+    run directory and must continue, not restart.
+    """
+    path = Path(run_dir) / "checkpoints" / LAST_CHECKPOINT
+    return path if path.is_file() else None
