@@ -16,6 +16,7 @@ def _h(text: str) -> dict:
 @dataclass
 class EvalConfig:
     folds: int = field(default=5, metadata=_h("outer patient-grouped stratified folds (ignored when clinical.csv has a fold/split column)"))
+    split_by: str = field(default="patient", metadata=_h("what outer and inner folds keep together: patient | site (centre-held-out: every site's patients are tested by a probe trained on other sites)"))
     inner_folds: int = field(default=3, metadata=_h("inner folds of the training part used to tune hyperparameters"))
     use_fixed_splits: bool = field(default=True, metadata=_h("use clinical.csv's fold or split column when present"))
     c_grid: list = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0], metadata=_h("logistic-regression C values tuned by inner CV"))
@@ -51,6 +52,8 @@ class EvalConfig:
         unknown = set(self.protocols) - set(PROTOCOLS)
         if unknown:
             raise SlidefmError(f"unknown protocol(s) {sorted(unknown)}; choose from {list(PROTOCOLS)}")
+        if self.split_by not in ("patient", "site"):
+            raise SlidefmError(f"split_by must be 'patient' or 'site', got {self.split_by!r}")
         if self.folds < 2 or self.inner_folds < 2:
             raise SlidefmError("folds and inner_folds must be at least 2")
         if not self.c_grid or not self.cox_penalizers or not self.cox_l1_ratios:

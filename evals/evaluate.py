@@ -61,12 +61,25 @@ def _with_ci(stat: Callable[[np.ndarray], dict], rows: np.ndarray, groups: np.nd
             for m, v in point.items()]
 
 
+def split_groups(td: TaskData, cfg: EvalConfig) -> np.ndarray:
+    """What folds keep together: patients, or sites (``split_by=site``; a row without a site is its own
+    group). Inner tuning folds use the same grouping, so a tuned C cannot exploit site either."""
+    if cfg.split_by != "site":
+        return td.groups
+    sites = np.asarray(td.sites, dtype=object)
+    missing = pd.isna(sites)
+    return np.where(missing, "patient:" + td.groups.astype(str), "site:" + sites.astype(str))
+
+
 def make_splits(td: TaskData, cfg: EvalConfig) -> list[Split]:
-    if td.fixed is not None:
+    if td.fixed is not None and cfg.split_by != "site":
         splits = fixed_folds(td.fixed)
     else:
         strata = td.y if td.y is not None else td.event
-        splits = grouped_folds(strata, td.groups, cfg.folds, cfg.seed)
+        groups = split_groups(td, cfg)
+        if cfg.split_by == "site" and len(np.unique(groups)) < 2:
+            raise SlidefmError(f"{td.task.name}: split_by=site needs at least 2 sites")
+        splits = grouped_folds(strata, groups, cfg.folds, cfg.seed)
     check_grouped(splits, td.groups)
     return splits
 
@@ -81,7 +94,8 @@ def _classification(td: TaskData, splits: list[Split], cfg: EvalConfig, model: s
         return lambda i: classification_metrics(y[i], proba[i], t.ordinal)
 
     if "linear_probe" in cfg.protocols:
-        oof, Cs = probes.cv_linear_probe(td.X, y, td.groups, splits, cfg.c_grid, cfg.inner_folds, cfg.seed)
+        oof, Cs = probes.cv_linear_probe(td.X, y, split_groups(td, cfg), splits, cfg.c_grid, cfg.inner_folds,
+                                            cfg.seed)
         tested = np.flatnonzero(~np.isnan(oof[:, 0]))
         out += _with_ci(cls_stat(oof), tested, td.groups, cfg, t.name, "linear_probe", model)
         art.roc[(t.name, model)] = (y[tested], oof[tested], td.classes)
@@ -170,7 +184,7 @@ def _survival(td: TaskData, splits: list[Split], cfg: EvalConfig, model: str, ar
     if td.event.sum() < 2:
         art.notes.append(f"{t.name}: fewer than 2 events, survival skipped")
         return []
-    risk, fold_of, chosen = survival.cv_cox(td.X, td.time, td.event, td.groups, splits, cfg.cox_penalizers,
+    risk, fold_of, chosen = survival.cv_cox(td.X, td.time, td.event, split_groups(td, cfg), splits, cfg.cox_penalizers,
                                             cfg.cox_l1_ratios, cfg.pca_dim, cfg.inner_folds, cfg.seed)
     art.hyperparameters[(t.name, model, "cox (penalizer, l1_ratio)")] = chosen
     tested = np.flatnonzero(fold_of >= 0)

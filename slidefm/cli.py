@@ -13,7 +13,7 @@ import sys
 from slidefm import __version__
 from slidefm.errors import SlidefmError
 
-COMMANDS = ["synth", "check", "pack", "train", "export", "eval", "demo"]
+COMMANDS = ["synth", "import_bags", "check", "pack", "train", "export", "eval", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,216 @@
+"""Real-data benchmark: public TCGA region features (mahmoodlab/HIPT) -> pretrain -> export -> `slidefm eval`.
+
+Nothing is downloaded: point ``--hipt`` at a local checkout of mahmoodlab/HIPT at commit c22f0ecf
+(later commits keep only Git LFS pointers)::
+
+    git clone https://github.com/mahmoodlab/HIPT && git -C HIPT checkout c22f0ecf
+    python benchmarks/real_tcga.py --hipt HIPT --work /scratch/real_tcga --runs slidefm:300 slidefm:1000
+
+The HIPT repository is Apache-2.0 with the Commons Clause: its data are read here, none of its code
+is used. What it holds and how it becomes a cohort:
+
+* 10,678 slide bags ``3-Self-Supervised-Eval/embeddings_slide_lib/vit256mean_tcga_slide_embeddings/*.pt``:
+  tensors (N, 192), one row per 4096 px region (the mean of its ViT-256 features), N = 1-254. Bags
+  carry no coordinates: ``slidefm import-bags --layout raster`` lays each bag's rows on a raster in file
+  order, so positions are synthetic (the house recipe's grid crops then take contiguous runs of the
+  bag; 2-D position encodings see no real arrangement).
+* ``tcga_wsi_labels.csv``: cancer type of every slide (33 types); all slides are pretrained on, label-free.
+* ``2-Weakly-Supervised-Subtyping/dataset_csv/tcga_{lung,kidney}_subset.csv.zip``: oncotree subtype,
+  survival (months, censorship), TSS site and, for lung, mutation calls (TP53).
+
+Tasks (patient level): NSCLC subtype (LUAD/LUSC), RCC subtype (CCRCC/PRCC/CHRCC), TP53 mutation in
+lung, overall survival in lung and in kidney. Each is evaluated by `slidefm eval` with linear probes
+(C tuned on inner folds) and penalised Cox, with 5 patient-grouped folds (``split=patient``) and with
+5 centre-grouped folds (``split=site``: every tissue source site is tested by a probe trained on other
+sites; in TCGA lung and kidney each site contributes a single subtype, so random folds flatter any
+model), beside mean pooling of the same features and the HIPT paper's published figures.
+
+Output: JSON on stdout and in benchmarks/results/real_tcga.json (entries of runs not repeated are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ)
+RESULTS = ROOT / "benchmarks" / "results" / "real_tcga.json"
+BAGS = "3-Self-Supervised-Eval/embeddings_slide_lib/vit256mean_tcga_slide_embeddings"
+LABELS = "3-Self-Supervised-Eval/embeddings_slide_lib/tcga_wsi_labels.csv"
+SUBSETS = "2-Weakly-Supervised-Subtyping/dataset_csv/tcga_{}_subset.csv.zip"
+# Published slide-level figures of the HIPT paper (Chen et al., CVPR 2022): AUROC with 100% of the
+# training data; c-index per cancer type (our survival tasks pool LUAD+LUSC and CCRCC+PRCC+CHRCC).
+PUBLISHED = {"nsclc_subtype": {"auroc": 0.952}, "rcc_subtype": {"auroc": 0.980},
+             "os_lung": {"c_index_LUAD": 0.538}, "os_kidney": {"c_index_CCRCC": 0.642, "c_index_PRCC": 0.670}}
+TASKS = [
+    {"name": "nsclc_subtype", "kind": "classification", "level": "patient", "label": "nsclc_subtype"},
+    {"name": "rcc_subtype", "kind": "classification", "level": "patient", "label": "rcc_subtype"},
+    {"name": "tp53_lung", "kind": "classification", "level": "patient", "label": "tp53_lung"},
+    {"name": "os_lung", "kind": "survival", "level": "patient", "time": "os_lung_months", "event": "os_lung_event"},
+    {"name": "os_kidney", "kind": "survival", "level": "patient", "time": "os_kidney_months",
+     "event": "os_kidney_event"},
+]
+PRIMARY = {"nsclc_subtype": "macro_auroc", "rcc_subtype": "macro_auroc", "tp53_lung": "macro_auroc",
+           "os_lung": "c_index", "os_kidney": "c_index"}
+
+
+def log(msg: str) -> None:
+    print(f"[real_tcga {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def task_table(hipt: Path) -> pd.DataFrame:
+    """One row per labelled slide with the derived task columns (slide_id with its extension)."""
+    from slidefm.cohort.importer import read_table
+
+    rows = []
+    lung = read_table(hipt / SUBSETS.format("lung"))
+    lung = lung[lung["oncotree_code"].isin(["LUAD", "LUSC"])]
+    rows.append(pd.DataFrame({
+        "slide_id": lung["slide_id"], "case_id": lung["case_id"], "nsclc_subtype": lung["oncotree_code"],
+        "tp53_lung": lung["TP53_mut"].map({0: "wt", 1: "mut", 0.0: "wt", 1.0: "mut"}),
+        "os_lung_months": lung["survival_months"], "os_lung_event": 1 - lung["censorship"]}))
+    kid = read_table(hipt / SUBSETS.format("kidney"))
+    kid = kid[kid["oncotree_code"].isin(["CCRCC", "PRCC", "CHRCC"])]
+    rows.append(pd.DataFrame({
+        "slide_id": kid["slide_id"], "case_id": kid["case_id"], "rcc_subtype": kid["oncotree_code"],
+        "os_kidney_months": kid["survival_months"], "os_kidney_event": 1 - kid["censorship"]}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def build_cohort(hipt: Path, cohort: Path) -> dict:
+    """The cohort (all 10,678 slides, cancer type for each, task labels where HIPT has them); kept if present."""
+    import yaml
+
+    from slidefm.cohort.importer import import_bags, read_table
+
+    if (cohort / "slides.csv").exists():
+        return {"cohort": str(cohort), "built": False}
+    for rel in (BAGS, LABELS, SUBSETS.format("lung"), SUBSETS.format("kidney")):
+        if not (hipt / rel).exists():
+            raise SystemExit(f"{hipt / rel} not found: --hipt must be a checkout of mahmoodlab/HIPT at c22f0ecf")
+    labels = read_table(hipt / LABELS).rename(columns={"label": "cancer_type"})
+    t0 = time.perf_counter()
+    s = import_bags(hipt / BAGS, cohort, [task_table(hipt), labels[["slide_id", "cancer_type"]]], tcga=True,
+                    patient_col="case_id", layout="raster", patch_size=4096, overwrite=True)
+    with open(cohort / "tasks.yaml", "w") as f:
+        yaml.safe_dump({"tasks": TASKS}, f, sort_keys=False)
+    log(f"cohort: {s.slides} slides, {s.patients} patients, {s.patches} regions in {time.perf_counter() - t0:.0f} s")
+    return {"cohort": str(cohort), "built": True, "slides": s.slides, "patients": s.patients, "regions": s.patches}
+
+
+def sh(cmd: list[str], log_file: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log_file, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+    if r.returncode:
+        raise SystemExit(f"command failed ({r.returncode}), see {log_file}: {' '.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def run_model(spec: str, cohort: Path, work: Path, overrides: list[str]) -> tuple[Path, dict]:
+    """Pretrain (resumes/finishes in place) and export patient embeddings for RECIPE:STEPS[:TAG]."""
+    recipe, steps, *tag = spec.split(":")
+    name = f"{recipe}_{steps}" + (f"_{tag[0]}" if tag else "")
+    run_dir = work / "runs" / name
+    emb = work / "embeddings" / f"{name}.h5ad"
+    info: dict = {"recipe": recipe, "steps": int(steps), "overrides": overrides}
+    logf = work / "logs" / f"{name}.log"
+    logf.parent.mkdir(parents=True, exist_ok=True)
+    ck = run_dir / "checkpoints" / "last.ckpt"
+    if not emb.exists():
+        cmd = [sys.executable, "-m", "slidefm", "train", f"recipe={recipe}", f"data.cohort={cohort}",
+               f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
+        info["train_s"] = round(sh(cmd, logf), 1)
+        emb.parent.mkdir(parents=True, exist_ok=True)
+        info["export_s"] = round(sh([sys.executable, "-m", "slidefm", "export", "--checkpoint", str(ck), "--cohort",
+                                     str(cohort), "--out", str(emb), "--level", "patient"], logf), 1)
+    return emb, info
+
+
+def evaluate(emb: Path, cohort: Path, out: Path, split: str, logf: Path) -> pd.DataFrame:
+    res = out / "results.csv"
+    if not res.exists():
+        sh([sys.executable, "-m", "slidefm", "eval", "--embeddings", str(emb), "--cohort", str(cohort), "--out",
+            str(out), "--protocols", "linear_probe", "cox", "--bootstrap", "200", "--no-plots", "--split-by", split,
+            "--model-name", "model"], logf)
+    return pd.read_csv(res)
+
+
+def summarise(df: pd.DataFrame, model: str) -> dict:
+    out = {}
+    for task, metric in PRIMARY.items():
+        r = df[(df["task"] == task) & (df["metric"] == metric) & (df["model"] == model)]
+        if len(r):
+            out[task] = {"value": round(float(r["mean"].iloc[0]), 4), "ci": [round(float(r["ci_low"].iloc[0]), 4),
+                                                                          round(float(r["ci_high"].iloc[0]), 4)],
+                         "n": int(r["n"].iloc[0])}
+    return out
+
+
+def write_json(doc: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = {**old.get("runs", {}), **doc.get("runs", {})}
+    doc = {**old, **doc, "runs": runs}
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, RESULTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hipt", required=True, type=Path, help="local checkout of mahmoodlab/HIPT at c22f0ecf")
+    ap.add_argument("--work", required=True, type=Path, help="working directory (cohort, runs, embeddings, evals)")
+    ap.add_argument("--runs", nargs="*", default=["slidefm:300", "slidefm:1000"],
+                    help="RECIPE:STEPS[:TAG] to pretrain label-free, export and evaluate")
+    ap.add_argument("--splits", nargs="+", default=["patient", "site"], choices=["patient", "site"])
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra Hydra override for every run, e.g. model.input_norm=none (use TAG to name variants)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch/BLAS threads per step (bags are tiny: 1 thread is fastest on a busy CPU)")
+    args = ap.parse_args(argv)
+    ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    work = args.work.resolve()
+    cohort = work / "cohort"
+    doc: dict = {"machine": f"{os.cpu_count()} CPU cores, {args.threads} thread(s) per run", "hipt": str(args.hipt), "published_hipt": PUBLISHED,
+                 "tasks": {t["name"]: PRIMARY[t["name"]] for t in TASKS}}
+    doc["cohort"] = build_cohort(args.hipt.resolve(), cohort)
+    runs: dict = {}
+    base_done = False
+    for spec in args.runs:
+        emb, info = run_model(spec, cohort, work, args.override)
+        name = emb.stem
+        for split in args.splits:
+            df = evaluate(emb, cohort, work / "eval" / name / split, split, work / "logs" / f"{name}.log")
+            info[split] = summarise(df, "model")
+            if not base_done or split not in doc.get("mean_pool", {}):
+                doc.setdefault("mean_pool", {})[split] = summarise(df, "mean_pool")
+        base_done = True
+        deltas = {}
+        for split in args.splits:
+            d = {t: round(info[split][t]["value"] - doc["mean_pool"][split][t]["value"], 4)
+                 for t in info[split] if t in doc["mean_pool"][split]}
+            deltas[split] = d
+        info["delta_vs_mean_pool"] = deltas
+        info["mean_delta"] = round(float(np.mean([v for d in deltas.values() for v in d.values()])), 4)
+        runs[name] = info
+        log(f"{name}: {json.dumps(info)}")
+    doc["runs"] = runs
+    write_json(doc)
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
