@@ -45,7 +45,7 @@ class _SlideReads(Dataset):
 
     def __getitem__(self, i):
         sd = self.cohort.read_slide(self.slide_ids[i])
-        return self.slide_ids[i], sd.features, sd.positions
+        return self.slide_ids[i], sd.features, sd.positions, sd.has_positions
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -59,6 +59,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConfig, partial_dir: Path | None,
                           fingerprint: str, want_tokens: bool = False):
     """Encode slides in resumable chunks; returns (S, d) embeddings and optional per-slide token arrays."""
+    if hasattr(cohort, "slides_without_positions"):
+        from slidefm.data.positions import require_positions
+
+        require_positions(encoder.config, cohort, training=False)  # features-only bags: before any work
     chunks = [slide_ids[i : i + cfg.chunk_slides] for i in range(0, len(slide_ids), cfg.chunk_slides)]
     if partial_dir is not None:
         partial_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +87,8 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
                             persistent_workers=False)
         embs, toks = [], []
         for batch in _budget_batches_stream(loader, cfg.batch_tokens):
-            packed = pack_slides([b[1] for b in batch], [b[2] for b in batch], [b[0] for b in batch])
+            packed = pack_slides([b[1] for b in batch], [b[2] for b in batch], [b[0] for b in batch],
+                                 has_positions=all(b[3] for b in batch))
             slide, tokens = encoder.encode_packed(packed, want_tokens)
             embs.append(slide)
             if want_tokens:
@@ -106,7 +111,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         else:
             with np.load(partial_dir / f"chunk{ci:06d}.npz") as z:
                 all_emb.append(z["emb"])
-    d = encoder.dim
+    d = getattr(encoder.model, "export_dim", encoder.dim)
     emb = np.concatenate(all_emb) if all_emb else np.zeros((0, d), np.float32)
 
     def tokens():

@@ -23,6 +23,9 @@ class PackedSlides:
     offsets: Tensor  # (B + 1,) long
     token_mask: Tensor | None = None  # (T,) bool, True = masked
     slide_ids: list[str] = field(default_factory=list)
+    # False when a slide of the batch is a features-only bag: its positions are zeros, meaningless.
+    # Configs that read positions refuse such cohorts up front (slidefm.data.positions).
+    has_positions: bool = True
 
     @property
     def num_slides(self) -> int:
@@ -49,7 +52,8 @@ class PackedSlides:
         tokens = self.tokens.to(device, non_blocking=True)
         if dtype is not None:
             tokens = tokens.to(dtype)
-        return PackedSlides(tokens, mv(self.positions), mv(self.offsets), mv(self.token_mask), list(self.slide_ids))
+        return PackedSlides(tokens, mv(self.positions), mv(self.offsets), mv(self.token_mask), list(self.slide_ids),
+                            self.has_positions)
 
     def select(self, i: int) -> "PackedSlides":
         """Slide ``i`` alone as a one-slide batch."""
@@ -57,7 +61,7 @@ class PackedSlides:
         m = None if self.token_mask is None else self.token_mask[a:b]
         return PackedSlides(
             self.tokens[a:b], self.positions[a:b], torch.tensor([0, b - a], dtype=self.offsets.dtype), m,
-            self.slide_ids[i : i + 1],
+            self.slide_ids[i : i + 1], self.has_positions,
         )
 
 
@@ -66,8 +70,12 @@ def pack_slides(
     positions: Sequence[np.ndarray | Tensor],
     slide_ids: Sequence[str] | None = None,
     token_masks: Sequence[np.ndarray | Tensor] | None = None,
+    has_positions: bool = True,
 ) -> PackedSlides:
-    """Concatenate per-slide (n_i, D) features and (n_i, 2) positions into one packed batch."""
+    """Concatenate per-slide (n_i, D) features and (n_i, 2) positions into one packed batch.
+
+    ``has_positions=False``: some slide is a features-only bag (its positions are zeros).
+    """
     lens = [len(f) for f in features]
     offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
     if lens:
@@ -77,7 +85,8 @@ def pack_slides(
     mask = None
     if token_masks is not None:
         mask = torch.cat([torch.as_tensor(m, dtype=torch.bool) for m in token_masks])
-    return PackedSlides(tokens, pos, offsets, mask, list(slide_ids or [str(i) for i in range(len(lens))]))
+    return PackedSlides(tokens, pos, offsets, mask, list(slide_ids or [str(i) for i in range(len(lens))]),
+                        has_positions)
 
 
 def unpack(x: Tensor, offsets: Tensor) -> list[Tensor]:

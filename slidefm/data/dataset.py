@@ -66,9 +66,11 @@ class PatientDataset(Dataset):
         if k and len(sids) > k:
             sids = sorted(rng.choice(sids, k, replace=False).tolist(), key=sids.index) if self.train else sids[:k]
         slides, views = [], []
+        has_positions = True
         for sid in sids:
             sd = self.reader.read_slide(sid)
             f, p = sd.features, sd.positions
+            has_positions &= sd.has_positions
             idx = select_tokens(len(f), p, self.cfg, rng)
             if idx is None:
                 slides.append((sid, f, p))
@@ -78,7 +80,7 @@ class PatientDataset(Dataset):
                 from slidefm.data.views import make_views
 
                 views.append(make_views(f, p, self.cfg.views, rng))
-        return {"patient_id": pid, "slides": slides, "views": views}
+        return {"patient_id": pid, "slides": slides, "views": views, "has_positions": has_positions}
 
 
 def _pack_views(items: list[dict], attr: str) -> tuple[PackedSlides | None, int]:
@@ -110,7 +112,8 @@ class Collate:
         t = self.tables
         pids = [it["patient_id"] for it in items]
         flat = [s for it in items for s in it["slides"]]
-        slides = pack_slides([s[1] for s in flat], [s[2] for s in flat], [s[0] for s in flat])
+        slides = pack_slides([s[1] for s in flat], [s[2] for s in flat], [s[0] for s in flat],
+                             has_positions=all(it.get("has_positions", True) for it in items))
         poff = segment_offsets([len(it["slides"]) for it in items])
         rows = t.rows(pids)
         mods: dict[str, Modality] = {}

@@ -63,6 +63,9 @@ def build_everything(cfg: DictConfig):
         raise CohortError(errors)
     for p in problems:
         log.warning(str(p))
+    from slidefm.data.positions import require_positions
+
+    require_positions(cfg, cohort)  # features-only bags: refuse position-needing options in one line
     tasks = list(cohort.tasks) if cfg.objectives.supervised is not None else []
     needs = modality_needs(cfg)
     tables = build_tables(cohort, cfg.data, tasks=tasks, needs=needs)

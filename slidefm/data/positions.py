@@ -1,0 +1,71 @@
+"""Which options need patch positions, and the refusal of features-only cohorts for them.
+
+Features-only bags (CLAM ``pt_files/``, HIPT-style region bags, HDF5 without ``coords``) have no
+grid positions. Through the data pipeline their positions are zeros and ``SlideData.has_positions``
+/ ``PackedSlides.has_positions`` are False; position-free models (mean, ABMIL, Perceiver, the case
+model) never look at them. Everything that does (the ViT's RoPE/ALiBi and grid PEG, TransMIL's
+PPEG, grid crops and block masks) is refused here, before any work starts, with one line naming
+the option and the first slide without coordinates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slidefm.errors import SlidefmError
+
+# Aggregators known not to read positions. An aggregator not listed here is assumed to need them
+# unless its class says otherwise (``uses_positions = False``): refusing is safer than feeding zeros.
+POSITION_FREE_AGGREGATORS = ("mean", "abmil", "perceiver")
+_WHY = {"vit": "2-D RoPE/ALiBi and grid PEG", "transmil": "PPEG on the grid"}
+
+
+def _get(cfg: Any, *keys: str) -> Any:
+    for k in keys:
+        if cfg is None:
+            return None
+        cfg = cfg.get(k) if hasattr(cfg, "get") else getattr(cfg, k, None)
+    return cfg
+
+
+def aggregator_uses_positions(name: str) -> bool:
+    if name in POSITION_FREE_AGGREGATORS:
+        return False
+    try:
+        from slidefm.models.aggregators import AGGREGATORS
+
+        flag = getattr(AGGREGATORS.get(name), "uses_positions", None)
+    except Exception:  # noqa: BLE001 - an unknown name is reported by the model builder itself
+        flag = None
+    return True if flag is None else bool(flag)
+
+
+def position_options(cfg: Any, training: bool = True) -> list[str]:
+    """The options of a training (or, with ``training=False``, inference) config that need positions."""
+    out = []
+    agg = _get(cfg, "model", "aggregator", "name")
+    if agg is not None and aggregator_uses_positions(str(agg)):
+        why = _WHY.get(str(agg))
+        out.append(f"model.aggregator={agg}" + (f" ({why})" if why else ""))
+    if training:
+        if _get(cfg, "data", "tokens") == "crop":
+            out.append("data.tokens=crop (grid crops)")
+        if _get(cfg, "data", "views") is not None:
+            out.append("data.views (grid crops and block masks)")
+    return out
+
+
+def require_positions(cfg: Any, cohort, training: bool = True) -> None:
+    """Raise SlidefmError (one line) when the config needs positions and a slide has none."""
+    options = position_options(cfg, training)
+    if not options:
+        return
+    missing = cohort.slides_without_positions(first_only=True)
+    if not missing:
+        return
+    sid = missing[0]
+    raise SlidefmError(
+        f"{', '.join(options)} need{'s' if len(options) == 1 else ''} patch coordinates, but slide {sid} "
+        f"({cohort.display(cohort.slide_path(sid))}) has none (a features-only bag); use a position-free "
+        f"aggregator ({', '.join(POSITION_FREE_AGGREGATORS)}) without data.views or data.tokens=crop, "
+        "e.g. recipe=threads")
