@@ -134,7 +134,11 @@ def _slide_jobs(cohort: Cohort, scan_values: bool, chunk_rows: int) -> list[tupl
 def check_slides(cohort: Cohort, scan_values: bool = True, workers: int | None = None,
                  chunk_rows: int = CHUNK_ROWS) -> ValidationReport:
     """Check every slide file, then what only the whole cohort shows (D, magnification)."""
+    from slidefm.cohort.validation_cache import SlideCheckCache
+
     jobs = _slide_jobs(cohort, scan_values, chunk_rows)
+    cache = SlideCheckCache.load(cohort, jobs, scan_values)  # unchanged files keep their earlier result
+    jobs = cache.to_check
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if len(jobs) >= 256 else 1
     if workers > 1:
@@ -142,6 +146,7 @@ def check_slides(cohort: Cohort, scan_values: bool = True, workers: int | None =
             results = list(ex.map(check_slide, jobs, chunksize=max(1, len(jobs) // (workers * 16))))
     else:
         results = [check_slide(j) for j in jobs]
+    jobs, results = cache.complete(results)  # every job again, cached + fresh results; saves the cache
     problems = [p for _, ps in results for p in ps]
     rows = [r for r, _ in results if r is not None]
     stats = pd.DataFrame(rows, columns=["slide_id"] + STAT_COLUMNS).set_index("slide_id")
