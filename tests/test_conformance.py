@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_slide
 from slidefm.cli import main
 from slidefm.cohort import Cohort
 from slidefm.errors import SlidefmError
