@@ -30,11 +30,13 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    aggregator: Any = MISSING  # group model/aggregator: one of the registered aggregators
-    case: Any = None  # group model/case: a patient (case) transformer over a patient's slides
-    report: Any = None  # group model/report: text encoder for reports
-    expression: Any = None  # group model/expression: tabular encoder for expression
-    omics: Any = field(default_factory=dict)  # name -> tabular encoder config, for cohort.yaml omics
+    aggregator: Any = field(default=MISSING, metadata={"help": "slide aggregator (group model/aggregator)"})
+    case: Any = field(default=None, metadata={
+        "help": "patient (case) transformer over a patient's slides (group model/case); null: patient_pool"})
+    report: Any = field(default=None, metadata={"help": "report-text encoder (group model/report)"})
+    expression: Any = field(default=None, metadata={"help": "expression encoder (group model/expression)"})
+    omics: Any = field(default_factory=dict, metadata={
+        "help": "name -> tabular encoder config, for the other omics tables of cohort.yaml"})
     input_norm: str = field(
         default="none", metadata={"help": "per-slide feature normalisation before the aggregator: none | center | standardize"}
     )
@@ -46,29 +48,31 @@ class ModelConfig:
 
 @dataclass
 class ObjectivesConfig:
-    contrastive: Any = None
-    distillation: Any = None
-    supervised: Any = None
-    expert: Any = None
+    contrastive: Any = field(default=None, metadata={"help": "patient-level InfoNCE between modalities (group)"})
+    distillation: Any = field(default=None, metadata={"help": "masked self-distillation on grid crops (group)"})
+    supervised: Any = field(default=None, metadata={"help": "multi-task classification + survival heads (group)"})
+    expert: Any = field(default=None, metadata={"help": "regression onto expert slide embeddings (group)"})
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
+    accelerator: str = field(default="auto", metadata={"help": "auto | cpu | gpu (Lightning accelerator)"})
+    devices: Any = field(default=1, metadata={"help": "devices per node (int, list of ids or 'auto')"})
+    num_nodes: int = field(default=1, metadata={"help": "nodes (multi-node DDP, e.g. on SLURM)"})
+    strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto | ddp | ..."})
     precision: Optional[str] = field(default=None, metadata={"help": "None: 32 on CPU, bf16-mixed on GPU"})
-    gradient_clip_val: float = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 5
+    gradient_clip_val: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    accumulate_grad_batches: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    log_every_n_steps: int = field(default=5, metadata={"help": "metrics.csv logging interval"})
     val_every_n_steps: Optional[int] = field(default=None, metadata={"help": "validation interval (default: end)"})
     checkpoint_every_n_steps: int = field(default=25, metadata={"help": "periodic last.ckpt for resume"})
-    grad_checkpointing: bool = False
-    deterministic: bool = False
-    progress_bar: bool = True
-    seed: int = 0
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute transformer-block activations in backward (ViT, TransMIL, Perceiver, case transformer): "
+                "less activation memory for one more forward pass per block; same gradients"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (slower)"})
+    progress_bar: bool = field(default=True, metadata={"help": "show a progress bar over steps"})
+    seed: int = field(default=0, metadata={"help": "seed of model initialisation and training randomness"})
 
 
 @dataclass
@@ -80,7 +84,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run_dir: str = field(default="${hydra:runtime.output_dir}", metadata={"help": "where checkpoints/ goes"})
-    tags: List[str] = field(default_factory=list)
+    tags: List[str] = field(default_factory=list, metadata={"help": "free-form labels recorded in the run config"})
 
 
 _registered = False
@@ -94,7 +98,7 @@ def register_configs() -> None:
     from slidefm.data.views import ViewConfig
     from slidefm.modalities import MODALITY_ENCODERS
     from slidefm.models.aggregators import AGGREGATORS
-    from slidefm.models.case import CaseConfig
+    from slidefm.models.case import CASE_MODELS
     from slidefm.objectives import OBJECTIVES
 
     # Runs started in the same second must not share a directory.
@@ -103,7 +107,8 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     for name, cls in AGGREGATORS.configs().items():
         cs.store(group="model/aggregator", name=name, node=cls)
-    cs.store(group="model/case", name="transformer", node=CaseConfig)
+    for name, cls in CASE_MODELS.configs().items():
+        cs.store(group="model/case", name=name, node=cls)
     for name, cls in MODALITY_ENCODERS.configs().items():
         group = "model/report" if name == "text" else "model/expression"
         cs.store(group=group, name=name, node=cls)
@@ -111,3 +116,40 @@ def register_configs() -> None:
         cs.store(group=f"objectives/{name}", name="default", node=cls)
     cs.store(group="data/views", name="default", node=ViewConfig)
     _registered = True
+
+
+def _walk(node, prefix: str = ""):
+    """(dotted key, parent node, key) of every entry of a DictConfig, without resolving interpolations."""
+    from omegaconf import DictConfig
+
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        yield full, node, key
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            yield from _walk(child, full + ".")
+
+
+def unknown_keys(cfg) -> list[str]:
+    """Keys of a composed config that its typed schema does not declare (e.g. added with Hydra's ``+key=``)."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    out = []
+    for full, parent, key in _walk(cfg):
+        schema = OmegaConf.get_type(parent)
+        if isinstance(parent, DictConfig) and dataclasses.is_dataclass(schema):
+            if key not in {f.name for f in dataclasses.fields(schema)}:
+                out.append(full)
+    return out
+
+
+def missing_keys(cfg) -> list[str]:
+    """Required options (``???``) still unset in a composed config."""
+    return [full for full, parent, key in _walk(cfg) if OmegaConf.is_missing(parent, key)]
+
+
+def all_keys(cfg) -> list[str]:
+    """Every dotted key of a composed config (for "did you mean" suggestions)."""
+    return [full for full, _, _ in _walk(cfg)]

@@ -176,6 +176,35 @@ def write_h5ad(adata, out: str | os.PathLike) -> Path:
     return out
 
 
+def partial_dir_for(out: str | os.PathLike) -> Path:
+    """Where the resumable chunks of an export to ``out`` live until the .h5ad is written."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def export_embeddings(encoder, cohort, out: str | os.PathLike, cfg: ExportConfig | None = None):
+    """Embed a cohort at ``cfg.level`` and write ``out`` (.h5ad, plus ``OUT.tokens.h5`` with ``cfg.tokens``).
+
+    Resumable through ``OUT.partial/``, which is removed once ``out`` is written: a finished export leaves
+    only its outputs. Returns ``(adata, tokens_path or None)``.
+    """
+    cfg = cfg or ExportConfig()
+    if cfg.level not in ("slide", "patient"):
+        raise SlidefmError(f"--level must be slide or patient, got '{cfg.level}'")
+    if cfg.tokens and cfg.level != "slide":
+        raise SlidefmError("--tokens writes per-patch embeddings of slides: use it with --level slide")
+    out = Path(out)
+    partial = partial_dir_for(out)
+    tokens_path = out.with_name(out.stem + ".tokens.h5") if cfg.tokens else None
+    if cfg.level == "slide":
+        adata = encoder.embed_slides(cohort, cfg, partial_dir=partial, tokens_path=tokens_path)
+    else:
+        adata = encoder.embed_patients(cohort, cfg, partial_dir=partial)
+    write_h5ad(adata, out)
+    shutil.rmtree(partial, ignore_errors=True)
+    return adata, tokens_path
+
+
 def check_feature_dim(cohort, in_dim: int, ckpt: str) -> None:
     d = cohort.feature_dim
     if d != in_dim:
@@ -185,4 +214,5 @@ def check_feature_dim(cohort, in_dim: int, ckpt: str) -> None:
         )
 
 
-__all__ = ["ExportConfig", "encode_slides_chunked", "write_h5ad", "write_tokens_h5", "check_feature_dim", "file_sha256"]
+__all__ = ["ExportConfig", "export_embeddings", "partial_dir_for", "encode_slides_chunked", "write_h5ad",
+           "write_tokens_h5", "check_feature_dim", "file_sha256"]

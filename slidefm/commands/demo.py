@@ -8,6 +8,8 @@ from pathlib import Path
 
 from slidefm.config_cli import add_dataclass_arguments, dataclass_from_args
 
+HELP = 'synthesize, pretrain, export and evaluate end to end on the built-in cohort'
+
 
 @dataclass
 class DemoConfig:
@@ -21,7 +23,7 @@ class DemoConfig:
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="synthesize, pretrain, export and evaluate end to end on the built-in cohort")
+    p = sub.add_parser("demo", help=HELP)
     add_dataclass_arguments(p, DemoConfig)
     p.set_defaults(func=run)
     return p
@@ -33,37 +35,30 @@ def _stage(i: int, n: int, text: str) -> float:
 
 
 def run(args) -> int:
-    from slidefm.cli import main as cli
-
-    cfg = dataclass_from_args(DemoConfig, args)
-    return run_demo(cfg, cli)
+    return run_demo(dataclass_from_args(DemoConfig, args))
 
 
-def run_demo(cfg: DemoConfig, cli=None) -> int:
+def run_demo(cfg: DemoConfig) -> int:
     import slidefm
+    from slidefm.cohort.synth import SynthConfig, generate_cohort
     from slidefm.commands.train import hydra_main
     from slidefm.evals import EvalConfig, evaluate
-    from slidefm.export import ExportConfig, write_h5ad
+    from slidefm.export import ExportConfig, export_embeddings
 
-    if cli is None:
-        from slidefm.cli import main as cli
     out = Path(cfg.out).resolve()
     cohort, run_dir = out / "cohort", out / "run"
     t0 = time.perf_counter()
     _stage(1, 4, f"synthetic cohort: {cfg.patients} patients -> {cohort}")
     if not (cohort / "slides.csv").exists():
-        rc = cli(["synth", str(cohort), "--patients", str(cfg.patients), "--seed", str(cfg.seed)])
-        if rc:
-            return rc
+        s = generate_cohort(cohort, SynthConfig(patients=cfg.patients, seed=cfg.seed))
+        print(f"wrote {s.path}: {s.patients} patients, {s.slides} slides, {s.patches} patches")
     _stage(2, 4, f"pretraining recipe={cfg.recipe} for {cfg.steps} steps -> {run_dir}")
     hydra_main([f"recipe={cfg.recipe}", f"data.cohort={cohort}", f"trainer.max_steps={cfg.steps}",
                 f"data.num_workers={cfg.num_workers}", f"hydra.run.dir={run_dir}", *cfg.overrides])
     _stage(3, 4, "exporting patient embeddings")
     enc = slidefm.load(run_dir / "checkpoints" / "last.ckpt")
     emb_path = out / "patient_embeddings.h5ad"
-    adata = enc.embed_patients(str(cohort), ExportConfig(level="patient", num_workers=cfg.num_workers),
-                               partial_dir=out / "patient_embeddings.h5ad.partial")
-    write_h5ad(adata, emb_path)
+    export_embeddings(enc, str(cohort), emb_path, ExportConfig(level="patient", num_workers=cfg.num_workers))
     _stage(4, 4, "evaluating against mean pooling of patch features")
     # The probes that answer "did pretraining help?"; `slidefm eval` runs the full protocol set.
     ev = EvalConfig(protocols=["linear_probe", "cox", "robustness"])
@@ -73,5 +68,5 @@ def run_demo(cfg: DemoConfig, cli=None) -> int:
     # The headline tables; summary.md has the per-site drops and tuned hyperparameters too.
     print(summary.split("\nLeave-one-site-out")[0].strip())
     print(f"\ndone in {time.perf_counter() - t0:.0f} s: results {out / 'eval' / 'results.csv'}, "
-          f"plots in {out / 'eval'}, checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} ({len(table)} result rows)")
+          f"plots in {out / 'eval' / 'plots'}, checkpoint {run_dir / 'checkpoints' / 'last.ckpt'} ({len(table)} result rows)")
     return 0

@@ -6,13 +6,15 @@ import argparse
 
 from slidefm.config_cli import add_dataclass_arguments, dataclass_from_args
 
+HELP = "evaluate slide/patient embeddings on a cohort's tasks"
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from slidefm.evals.config import EvalConfig
 
     p = subparsers.add_parser(
         "eval",
-        help="evaluate slide/patient embeddings on a cohort's tasks",
+        help=HELP,
         description="Linear/few-shot/k-NN probes, penalised Cox survival, retrieval and site robustness on "
                     "the embeddings and on mean-pooled patch features (model 'mean_pool'), with patient-level "
                     "bootstrap CIs. Writes results.csv, summary.md and plots/ to --out (docs/evaluation.md).",

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from slidefm.config_cli import add_dataclass_arguments, dataclass_from_args
 
+HELP = "pack a cohort's HDF5 features into memory-mappable shards"
+
 
 @dataclass
 class PackConfig:
@@ -19,7 +21,7 @@ class PackConfig:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("pack", help="pack a cohort's HDF5 features into memory-mappable shards",
+    p = subparsers.add_parser("pack", help=HELP,
                               description="Validate COHORT, then write its packed store atomically.")
     p.add_argument("cohort", help="cohort directory")
     add_dataclass_arguments(p, PackConfig)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from slidefm.cohort.synth import SynthConfig, generate_cohort
 from slidefm.config_cli import add_dataclass_arguments, dataclass_from_args
+
+HELP = "write a synthetic cohort with planted biology"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from slidefm.cohort.synth import SynthConfig
+
     p = subparsers.add_parser(
         "synth",
-        help="write a synthetic cohort with planted biology",
+        help=HELP,
         description="Write a synthetic cohort in the cohort-contract layout (slides.csv, features/*.h5, "
                     "reports.csv, expression.h5ad, clinical.csv, tasks.yaml, cohort.yaml) plus truth/ "
                     "with the latent regions. Deterministic for a given --seed.",
@@ -25,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slidefm.cohort.synth import SynthConfig, generate_cohort
+
     cfg = dataclass_from_args(SynthConfig, args)
     t0 = time.perf_counter()
     s = generate_cohort(args.out, cfg, overwrite=args.overwrite)

@@ -118,6 +118,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
 
     from slidefm.train.checkpoint_io import AtomicCheckpointIO, FinalCheckpoint
     from slidefm.train.preemption import PreemptionCheckpoint
+    from slidefm.train.progress import StepProgressBar
     from slidefm.train.slurm import check_slurm_layout, cluster_plugins
 
     t = cfg.trainer
@@ -132,6 +133,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         PreemptionCheckpoint(ckpt_dir),
         FinalCheckpoint(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
+        *([StepProgressBar()] if t.progress_bar else []),
     ]
     val_kw = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
     return pl.Trainer(
