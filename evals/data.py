@@ -252,3 +252,19 @@ def task_data(task: EvalTask, emb: Embeddings, cohort, use_fixed: bool = True) -
             raise SlidefmError(f"task {task.name}: survival time must be numeric >= 0 and event in {{0, 1}}")
         td.time, td.event = t, e.astype(int)
     return td
+
+
+def ri_labels(emb: Embeddings, task: EvalTask, cohort) -> np.ndarray:
+    """The task's label for every embedding row (patient labels broadcast to their slides)."""
+    if task.level == "patient":
+        clin = cohort.clinical
+        if clin is None or task.label not in clin.columns:
+            return np.full(len(emb.units), np.nan, dtype=object)
+        col = clin[task.label].copy()
+        col.index = col.index.astype(str)
+        return col.reindex(emb.units["patient_id"].astype(str)).to_numpy(dtype=object)
+    if emb.level != "slide":
+        return np.full(len(emb.units), np.nan, dtype=object)
+    col = cohort.slides[task.label].copy()
+    col.index = col.index.astype(str)
+    return col.reindex(emb.units.index).to_numpy(dtype=object)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,8 @@ from slidefm.errors import SlidefmError
 from . import probes, robustness, survival
 from .baseline import mean_pool_adata
 from .config import EvalConfig
-from .data import EvalTask, Embeddings, TaskData, load_embeddings, load_tasks, pool_to_patients, task_data
+from .data import (EvalTask, Embeddings, TaskData, load_embeddings, load_tasks, pool_to_patients, ri_labels,  # noqa: F401
+                   task_data)
 from .metrics import classification_metrics, cluster_bootstrap, harrell_c_index
 from .retrieval import retrieval_scores
 from .splits import Split, check_grouped, fixed_folds, grouped_folds
@@ -197,22 +197,6 @@ def _survival(td: TaskData, splits: list[Split], cfg: EvalConfig, model: str, ar
     return out
 
 
-def ri_labels(emb: Embeddings, task: EvalTask, cohort) -> np.ndarray:
-    """The task's label for every embedding row (patient labels broadcast to their slides)."""
-    if task.level == "patient":
-        clin = cohort.clinical
-        if clin is None or task.label not in clin.columns:
-            return np.full(len(emb.units), np.nan, dtype=object)
-        col = clin[task.label].copy()
-        col.index = col.index.astype(str)
-        return col.reindex(emb.units["patient_id"].astype(str)).to_numpy(dtype=object)
-    if emb.level != "slide":
-        return np.full(len(emb.units), np.nan, dtype=object)
-    col = cohort.slides[task.label].copy()
-    col.index = col.index.astype(str)
-    return col.reindex(emb.units.index).to_numpy(dtype=object)
-
-
 def _robustness(emb: Embeddings, tasks: list[EvalTask], cohort, cfg: EvalConfig, art: Artifacts) -> list[dict]:
     out: list[dict] = []
     sites = emb.units["site"].to_numpy(dtype=object)
@@ -312,6 +296,12 @@ def _evaluate(embeddings, cohort, tasks, out, cfg: EvalConfig, text_encoder) -> 
                 rows += _survival(td, make_splits(td, cfg), cfg, emb.name, art)
         if "robustness" in cfg.protocols:
             rows += _robustness(emb, task_list, cohort, cfg, art)
+    if "zeroshot" in cfg.protocols:
+        if text_encoder is None:
+            art.notes.append("zero-shot: not run, no text encoder (`slidefm eval` has none; in Python pass "
+                             "text_encoder=slidefm.load(CKPT).embed_text for a checkpoint trained with reports)")
+        elif not any(t.prompts for t in task_list if t.kind == "classification"):
+            art.notes.append("zero-shot: not run, no classification task in tasks.yaml has prompts")
     results = pd.DataFrame(rows, columns=COLUMNS)
     art.notes = list(dict.fromkeys(art.notes))
     result = EvalResult(results, art, task_list, Path(out) if out is not None else None)
@@ -320,7 +310,3 @@ def _evaluate(embeddings, cohort, tasks, out, cfg: EvalConfig, text_encoder) -> 
 
         write_outputs(result, cohort, cfg, Path(out))
     return result
-
-
-def safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +12,12 @@ import numpy as np
 import pandas as pd
 
 from .config import EvalConfig
+
+
+def safe_name(s: str) -> str:
+    """A task or model name as a file-name fragment."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s))
+
 
 MAIN_METRIC = {"classification": ("linear_probe", "auroc"), "survival": ("cox", "c_index")}
 
@@ -27,14 +34,27 @@ def _lookup(df: pd.DataFrame, task, kind, metric, model):
     return None if m.empty else m.iloc[0]
 
 
+def _protocols_with_rows(df: pd.DataFrame) -> set[str]:
+    """Protocols that produced results (row kinds: fewshot_k5 -> fewshot, site_probe -> robustness, ...)."""
+    out = set()
+    for kind in set(df.kind):
+        kind = str(kind)
+        out.add("fewshot" if kind.startswith("fewshot") else
+                "robustness" if kind in ("robustness", "site_probe", "site_holdout") else kind)
+    return out
+
+
 def summary_markdown(result, cfg: EvalConfig) -> str:
     """Main metric per task for the model and mean_pool, with the gain; robustness; notes."""
     df = result.results
     models = list(dict.fromkeys(df.model)) or [cfg.model_name]
     model = cfg.model_name
     base = "mean_pool" if "mean_pool" in models else None
+    ran = [p for p in cfg.protocols if p in _protocols_with_rows(df)]
+    not_ran = [p for p in cfg.protocols if p not in ran]
+    skipped = f" Requested without results: {', '.join(not_ran)} (reasons under Notes)." if not_ran else ""
     lines = ["# Evaluation summary", "",
-             f"Protocols: {', '.join(cfg.protocols)}. Outer folds: {cfg.folds} (patient-grouped), tuning on "
+             f"Protocols: {', '.join(ran) or 'none'}.{skipped} Outer folds: {cfg.folds} (patient-grouped), tuning on "
              f"{cfg.inner_folds} inner folds of each training part. CIs: {cfg.ci_level:.0%} patient-level cluster "
              f"bootstrap ({cfg.bootstrap} draws).", ""]
     head = f"| task | protocol | metric | {model} |" + (f" {base} | gain |" if base else "")
@@ -79,7 +99,7 @@ def summary_markdown(result, cfg: EvalConfig) -> str:
 
 def _plots(result, cohort, cfg: EvalConfig, d: Path) -> None:
     from . import plots
-    from .evaluate import ri_labels, safe_name
+    from .data import ri_labels
 
     art = result.artifacts
     for t in result.tasks:

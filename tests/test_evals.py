@@ -252,3 +252,17 @@ def test_zeroshot_runs_only_with_encoder_and_prompts(small_cohort):
     z = res.results[res.results.kind == "zeroshot"]
     assert set(z.metric) == {"auroc", "balanced_accuracy", "weighted_f1"} and (z.n == len(c.patient_ids)).all()
     assert set(evaluate(emb, c, tasks=[task], config=cfg).results.kind) == set()  # no encoder: nothing
+
+
+def test_summary_says_why_a_requested_protocol_has_no_rows(small_cohort, tmp_path):
+    from slidefm.evals.report import summary_markdown
+
+    d, c, emb = small_cohort
+    task = {"name": "subtype", "kind": "classification", "label": "subtype"}
+    cfg = EvalConfig(**{**QUICK, "protocols": ["linear_probe", "zeroshot"], "baseline": False})
+    res = evaluate(emb, c, tasks=[task], config=cfg)
+    md = summary_markdown(res, cfg)
+    assert "Protocols: linear_probe. Requested without results: zeroshot (reasons under Notes)." in md
+    assert "- zero-shot: not run, no text encoder" in md
+    res = evaluate(emb, c, tasks=[task], config=cfg, text_encoder=lambda texts: np.zeros((len(texts), emb.n_vars)))
+    assert "- zero-shot: not run, no classification task in tasks.yaml has prompts" in summary_markdown(res, cfg)
