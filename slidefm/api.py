@@ -61,7 +61,7 @@ class Encoder:
     # -- slides --------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_packed(self, packed: PackedSlides, want_tokens: bool = False):
-        out = self.model.encode_slides(packed.to(self.device))
+        out = self.model.export_slides(packed.to(self.device))
         slide = out.slide.float().cpu().numpy()
         tokens = []
         if want_tokens:
@@ -97,6 +97,9 @@ class Encoder:
             "version": json.dumps(self.meta.get("version") or {}),
             "token_cap": "none (whole slides)",
             "patient_pooling": pooling or "",
+            # With mean_path the last D columns are the (slide or patient) mean input feature.
+            "embedding_layout": (f"learned[0:{self.model.dim}] + mean_input[{self.model.dim}:{self.model.export_dim}]"
+                                 if self.model.mean_path else f"learned[0:{self.model.dim}]"),
         }
 
     def _fingerprint(self, cohort, level: str, cfg: ExportConfig) -> str:
@@ -151,7 +154,7 @@ class Encoder:
 
         off = segment_offsets(counts).to(self.device)
         x = torch.from_numpy(emb[order]).to(self.device)
-        patient = self.model.encode_patients(x, off).float().cpu().numpy()
+        patient = self.model.export_patients(x, off).float().cpu().numpy()
         pooling = "case_transformer" if self.model.case is not None else f"{self.model.patient_pool} of slide embeddings"
         obs = pd.DataFrame(index=pd.Index([str(p) for p in pids], name="patient_id"))
         obs["n_slides"] = counts

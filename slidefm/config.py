@@ -40,6 +40,9 @@ class ModelConfig:
     input_norm: str = field(
         default="none", metadata={"help": "per-slide feature normalisation before the aggregator: none | center | standardize"}
     )
+    mean_path: bool = field(default=False, metadata={
+        "help": "exported slide/patient embeddings end with the slide's mean input feature (mean pooling), so a "
+                "probe can always recover the mean-pooling baseline; training objectives never see it"})
     embed_dim: int = field(default=256, metadata={"help": "shared embedding width of the contrastive space"})
     patient_pool: str = field(default="mean", metadata={"help": "slide->patient pooling without a case model"})
     init_from: Optional[str] = field(default=None, metadata={"help": "checkpoint whose slide encoder initialises this one"})

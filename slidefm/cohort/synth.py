@@ -85,6 +85,9 @@ class SynthConfig:
     )
     sites: int = field(default=4, metadata={"help": "number of centres (scanner, stain, label mix)"})
     site_strength: float = field(default=1.0, metadata={"help": "norm of the per-site feature offset"})
+    site_effect: str = field(default="realistic", metadata={
+        "help": "realistic: per-site shift + tissue-dependent shifts + low-rank linear distortion, scaled per "
+                "slide (staining batches), so per-slide centring cannot remove it | additive: one shift per site"})
     min_side: int = field(default=22, metadata={"help": "smallest tissue bounding box side in patches"})
     max_side: int = field(default=46, metadata={"help": "largest tissue bounding box side in patches"})
     multi_slide_fraction: float = field(default=0.3, metadata={"help": "patients with 2-3 slides"})
@@ -111,6 +114,10 @@ class Site:
     subtype_mix: tuple[float, float, float]
     weight: float
     gene_batch: np.ndarray  # (genes,) log fold change of the site's expression batch effect
+    # Realistic site effects (site_effect="realistic"): stain and scanner act on tissue, not as one shift.
+    region_offset: np.ndarray  # (len(REGIONS), D) tissue-dependent shift (stain uptake differs by tissue)
+    mix_u: np.ndarray  # (D, r) with mix_v: a low-rank linear distortion x -> x + mix_u @ (mix_v.T @ x)
+    mix_v: np.ndarray  # (D, r)
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ def make_world(dim: int, world_seed: int = 0, sites: int = 4, genes: int = 2000)
             subtype_mix=tuple(float(x) for x in mix),
             weight=float(weight),
             gene_batch=srng.normal(0.0, 0.2, genes),
+            **_site_distortion(dim, k, world_seed),
         ))
     return World(dim, protos, subtype_dirs, atypia, within, stain, stain_rare, tuple(site_list),
                  names, modules, base, disp)
@@ -384,6 +392,36 @@ class Slide:
     stain: np.ndarray  # (4,) coefficients: 3 random directions, then the rare direction
 
 
+_SITE_REGION_SCALE = 0.5  # norm of a site's tissue-dependent shift, relative to the site offset
+_SITE_MIX_RANK = 4
+_SITE_MIX_SCALE = 0.35  # spectral size of the low-rank distortion (x moves by up to 35% along 4 directions)
+_SITE_BATCH = (0.6, 1.4)  # per-slide factor on the site effect (staining batch within a site)
+
+
+def _site_distortion(dim: int, k: int, world_seed: int) -> dict:
+    """A site's tissue-dependent shifts and low-rank distortion, from its own stream (other draws unchanged)."""
+    r = np.random.default_rng([world_seed, 8, k])
+    region = r.standard_normal((len(REGIONS), dim))
+    region *= _SITE_REGION_SCALE / np.linalg.norm(region, axis=1, keepdims=True)
+    u = np.linalg.qr(r.standard_normal((dim, _SITE_MIX_RANK)))[0] * _SITE_MIX_SCALE
+    v = np.linalg.qr(r.standard_normal((dim, _SITE_MIX_RANK)))[0]
+    return {"region_offset": region, "mix_u": u, "mix_v": v}
+
+
+def _apply_site(x: np.ndarray, regions: np.ndarray, site: Site, cfg: SynthConfig, rng) -> np.ndarray:
+    """Site effect on (N, D) features in prototype units. ``additive``: gain and one shift per site, which
+    per-slide centring removes exactly. ``realistic`` adds what real stain/scanner differences do: a shift
+    that depends on the tissue under it (so a slide's mean moves with its composition), a low-rank linear
+    distortion of the content, and a per-slide strength (batches within a site)."""
+    x = site.gain * x + cfg.site_strength * site.offset.astype(np.float32)
+    if cfg.site_effect == "additive":
+        return x
+    b = np.float32(rng.uniform(*_SITE_BATCH))
+    x += b * ((x @ site.mix_v.astype(np.float32)) @ site.mix_u.T.astype(np.float32))
+    x += b * np.float32(cfg.site_strength) * site.region_offset[regions].astype(np.float32)
+    return x
+
+
 def _simulate_slide(world: World, cfg: SynthConfig, pat: Patient, i: int, j: int) -> Slide:
     rng = np.random.default_rng([cfg.seed, 2, i, j])
     site = world.sites[pat.site]
@@ -414,7 +452,8 @@ def _simulate_slide(world: World, cfg: SynthConfig, pat: Patient, i: int, j: int
     offset = stain[:3] @ world.stain_dirs + stain[3] * world.stain_rare_dir
     offset += rng.standard_normal(d) * (_SLIDE_SCALE / math.sqrt(d))
     x += offset.astype(np.float32)
-    x = site.gain * x + cfg.site_strength * site.offset.astype(np.float32)
+    # The site draw has its own stream, so cohorts differ from the additive ones only by the site effect.
+    x = _apply_site(x, regions, site, cfg, np.random.default_rng([cfg.seed, 9, i, j]))
     # Scale so each feature dimension has roughly unit spread, like real encoder outputs.
     x *= np.float32(math.sqrt(d))
 
@@ -555,6 +594,8 @@ def _validate(cfg: SynthConfig) -> None:
         problems.append("--patients must be >= 1")
     if cfg.dim < 8:
         problems.append("--dim must be >= 8")
+    if cfg.site_effect not in ("realistic", "additive"):
+        problems.append(f"--site-effect must be realistic or additive, got {cfg.site_effect!r}")
     if cfg.sites < 1:
         problems.append("--sites must be >= 1")
     if not 10 <= cfg.min_side <= cfg.max_side:

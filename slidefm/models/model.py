@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from slidefm.data.batch import Modality, PackedSlides
 from slidefm.models.aggregators import AggregatorOutput, build_aggregator
+from slidefm.models.segments import segment_index, segment_mean
 from slidefm.registry import config_to_dict
 
 
@@ -28,6 +30,7 @@ class SlideFM(nn.Module):
         self.in_dim = in_dim
         self.embed_dim = int(cfg.embed_dim)
         self.patient_pool = cfg.patient_pool
+        self.mean_path = bool(getattr(cfg, "mean_path", False))
         self.aggregator = build_aggregator(cfg.aggregator, in_dim=in_dim)
         if cfg.input_norm != "none":
             from slidefm.models.aggregators.input_norm import SlideInputNorm
@@ -76,6 +79,34 @@ class SlideFM(nn.Module):
         from slidefm.models.case import pool_slides
 
         return pool_slides(slide_emb, patient_offsets, how=self.patient_pool)
+
+    @property
+    def export_dim(self) -> int:
+        """Width of exported slide/patient embeddings: the aggregator's, plus D with ``mean_path``."""
+        return self.dim + (self.in_dim if self.mean_path else 0)
+
+    def export_slides(self, slides: PackedSlides) -> AggregatorOutput:
+        """Slide embeddings as exported: the learned embedding, then (``mean_path``) the slide's mean input.
+
+        The mean is of the raw input features, so a linear probe on the export can always do what
+        mean pooling does; the learned part is free to carry what the mean cannot (arrangement, foci).
+        """
+        out = self.encode_slides(slides)
+        if not self.mean_path:
+            return out
+        seg = segment_index(slides.offsets.to(slides.tokens.device))
+        mean = segment_mean(slides.tokens.to(out.slide.dtype), seg, slides.num_slides)
+        return AggregatorOutput(slide=torch.cat([out.slide, mean], dim=1), tokens=out.tokens)
+
+    def export_patients(self, slide_emb: Tensor, patient_offsets: Tensor) -> Tensor:
+        """Patient embeddings from exported slide embeddings: the case model (or pooling) on the learned
+        part, then (``mean_path``) the mean over the patient's slides of their mean inputs."""
+        if not self.mean_path:
+            return self.encode_patients(slide_emb, patient_offsets)
+        learned, mean = slide_emb[:, : self.dim], slide_emb[:, self.dim:]
+        seg = segment_index(patient_offsets)
+        pmean = segment_mean(mean, seg, len(patient_offsets) - 1)
+        return torch.cat([self.encode_patients(learned, patient_offsets), pmean], dim=1)
 
     def encode_modality(self, name: str, m: Modality) -> Tensor:
         return self.towers[name](m.data)

@@ -66,6 +66,9 @@ def build_everything(cfg: DictConfig):
     from slidefm.data.positions import require_positions
 
     require_positions(cfg, cohort)  # features-only bags: refuse position-needing options in one line
+    from slidefm.train.modality_check import fit_to_cohort
+
+    fit_to_cohort(cfg, cohort)  # towers/pairs of modalities the cohort lacks are dropped, with one line each
     tasks = list(cohort.tasks) if cfg.objectives.supervised is not None else []
     needs = modality_needs(cfg)
     tables = build_tables(cohort, cfg.data, tasks=tasks, needs=needs)

@@ -18,6 +18,7 @@ from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
 from slidefm.models.blocks import Block
 from slidefm.models.grid_conv import GridPEG
+from slidefm.models.segments import segment_softmax, segment_sum
 
 
 @dataclass
@@ -33,7 +34,10 @@ class ViTConfig:
     layerscale: float | None = None
     backend: str = "auto"  # attention backend, see slidefm.models.attention
     grad_checkpointing: bool = False
-    pool: str = "cls"  # "cls" | "mean" (mean of patch-token outputs)
+    pool: str = field(default="cls", metadata={
+        "help": "slide readout: cls | mean (mean of patch-token outputs) | mean_attn (that mean plus a multi-head "
+                "gated-attention pool over the token outputs, so a small focus is not averaged away)"})
+    readout_heads: int = field(default=4, metadata={"help": "attention heads of the mean_attn readout (divide dim)"})
     peg: int = field(default=0, metadata={
         "help": "kernel of a depthwise-conv position encoding on the slide grid before the blocks (0: off; 3, 5, ..)"})
 
@@ -42,12 +46,13 @@ class ViTConfig:
 class ViTAggregator(Aggregator):
     def __init__(self, in_dim: int, dim: int = 384, depth: int = 6, heads: int = 6, mlp_ratio: float = 4.0,
                  pos: str = "rope", num_registers: int = 0, drop_path: float = 0.0, layerscale: float | None = None,
-                 backend: str = "auto", grad_checkpointing: bool = False, pool: str = "cls", peg: int = 0):
+                 backend: str = "auto", grad_checkpointing: bool = False, pool: str = "cls", peg: int = 0,
+                 readout_heads: int = 4):
         super().__init__()
         if pos not in ("rope", "alibi"):
             raise ValueError(f"pos must be 'rope' or 'alibi', got '{pos}'")
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got '{pool}'")
+        if pool not in ("cls", "mean", "mean_attn"):
+            raise ValueError(f"pool must be 'cls', 'mean' or 'mean_attn', got '{pool}'")
         self.in_dim, self.dim, self.pool, self.num_prefix = in_dim, dim, pool, 1 + num_registers
         self.proj = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
@@ -61,6 +66,7 @@ class ViTAggregator(Aggregator):
             for r in rates
         )
         self.norm = nn.LayerNorm(dim)
+        self.readout = AttentionReadout(dim, readout_heads) if pool == "mean_attn" else None
         self.apply(self._init_weights)
         for p in (self.mask_token, self.cls_token, self.registers):
             trunc_normal_(p, std=0.02)
@@ -111,7 +117,32 @@ class ViTAggregator(Aggregator):
         else:
             sums = tokens.new_zeros(B, self.dim).index_add(0, slide_of, tokens)
             slide = sums / lens.clamp(min=1).to(tokens.dtype)[:, None]
+            if self.readout is not None:
+                slide = slide + self.readout(tokens, slide_of, B)
         return AggregatorOutput(slide=slide, tokens=tokens)
+
+
+class AttentionReadout(nn.Module):
+    """Multi-head gated attention pooling of token outputs (ABMIL-style gate, one softmax per slide and head;
+    head h pools channel block h). Added to the mean of the tokens: the mean keeps the slide's overall
+    state, attention lets a few tokens (a 2% focus) dominate some channels instead of being averaged away."""
+
+    def __init__(self, dim: int, heads: int = 4):
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"readout_heads={heads} must divide dim={dim}")
+        self.heads = heads
+        hidden = max(dim // 2, heads)
+        self.v = nn.Linear(dim, hidden)
+        self.u = nn.Linear(dim, hidden)
+        self.w = nn.Linear(hidden, heads)
+
+    def forward(self, tokens: torch.Tensor, slide_of: torch.Tensor, n: int) -> torch.Tensor:
+        scores = self.w(torch.tanh(self.v(tokens)) * torch.sigmoid(self.u(tokens)))  # (T, heads)
+        a = segment_softmax(scores, slide_of, n)
+        T, d = tokens.shape
+        pooled = segment_sum((a[:, :, None] * tokens.view(T, self.heads, d // self.heads)).reshape(T, d), slide_of, n)
+        return pooled
 
 
 __all__ = ["ViTConfig", "ViTAggregator"]
