@@ -243,7 +243,7 @@ def test_rope_relative_and_identity():
                            no_pos=torch.tensor([False, True]))
     torch.testing.assert_close(apply_rope(q[:2].float(), cos, sin), q[:2].float())
     assert rope_frequencies(dh).shape == (dh // 4,)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="head_dim divisible by 4, got 6"):
         rope_frequencies(6)
 
 

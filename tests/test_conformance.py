@@ -386,7 +386,7 @@ def test_position_options_refuse_features_only(tmp_path):
     crop = {"model": {"aggregator": {"name": "abmil"}}, "data": {"tokens": "crop", "views": {"n_global": 2}}}
     assert position_options(crop) == ["data.tokens=crop (grid crops)", "data.views (grid crops and block masks)"]
     assert position_options(crop, training=False) == []  # export encodes whole slides
-    with pytest.raises(SlidefmError) as e:
+    with pytest.raises(SlidefmError, match=r"model\.aggregator=transmil \(PPEG on the grid\) needs patch coordinates") as e:
         require_positions({"model": {"aggregator": {"name": "transmil"}}}, c)
     msg = str(e.value)
     assert "\n" not in msg and "model.aggregator=transmil (PPEG on the grid)" in msg
@@ -452,7 +452,7 @@ def test_house_recipe_refuses_features_only_cohort_in_one_line(features_only_run
 
     root, _ = features_only_run
     cfg = compose_cfg("slidefm", root, tmp_path / "run", "trainer.max_steps=1")
-    with pytest.raises(SlidefmError) as e:
+    with pytest.raises(SlidefmError, match="patch coordinates") as e:
         train(cfg)
     msg = str(e.value)
     assert "\n" not in msg, msg

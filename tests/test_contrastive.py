@@ -119,7 +119,7 @@ def test_weighted_pairs_shared_scale_and_local_loss_in_one_process(emb):
     assert float(out["loss"].detach()) == pytest.approx(float(want), rel=1e-5)
     local = MultiModalContrastive(pairs=pairs, pair_weights=[1.0, 0.25], local_loss=True)(e)
     assert float(local["loss"].detach()) == pytest.approx(float(out["loss"].detach()), rel=1e-6)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="contrastive objective needs embeddings for"):
         obj({"slide": e["slide"], "report": e["report"]})
 
 
@@ -127,5 +127,5 @@ def test_registry_builds_from_config(emb):
     cfg = ContrastiveConfig(pairs=[["slide", "report"]], kind="siglip")
     obj = OBJECTIVES.build(cfg, embed_dim=8)
     assert isinstance(obj, MultiModalContrastive) and obj.kind == "siglip"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a contrastive pair names two different modalities"):
         MultiModalContrastive(pairs=[["slide", "slide"]])

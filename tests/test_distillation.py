@@ -220,7 +220,7 @@ def test_sinkhorn_objective_and_registry():
     assert torch.isfinite(out["loss"]) and out["dino"] > 0
     out["loss"].backward()
     assert agg.proj.weight.grad is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="global views with token_mask set"):
         g = views.global_views
         obj(agg, Views(PackedSlides(g.tokens, g.positions, g.offsets, None, g.slide_ids), None, 2, 0))
 
@@ -267,7 +267,7 @@ def test_expert_distillation_cosine_and_smooth_l1_with_missing_rows():
     d = (pred - tgt).abs()
     ref = torch.where(d < 0.5, 0.5 * d**2 / 0.5, d - 0.25).mean()
     torch.testing.assert_close(out["loss"], ref)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unconfigured experts"):
         sl(z, {"unknown": titan})
 
 

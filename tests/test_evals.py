@@ -43,7 +43,7 @@ def test_fixed_folds():
     assert [te.tolist() for _, te in splits] == [[0, 3], [1, 4], [2, 5]]
     [(tr, te)] = fixed_folds(["train", "val", "test", "train", "test"])
     assert tr.tolist() == [0, 1, 3] and te.tolist() == [2, 4]
-    with pytest.raises(SlidefmError):
+    with pytest.raises(SlidefmError, match=r"1 row\(s\) have no split/fold assignment"):
         fixed_folds(["train", None, "test"])
 
 

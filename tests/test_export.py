@@ -126,7 +126,7 @@ def test_export_is_deterministic_and_resumes_after_kill(trained, tmp_path, monke
         return real(self, packed, want_tokens)
 
     monkeypatch.setattr(Encoder, "encode_packed", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         slidefm.load(ckpt).embed_slides(str(cohort), cfg, partial_dir=partial)
     done = sorted(partial.glob("chunk*.npz"))
     assert 0 < len(done) < -(-ref.n_obs // 4)

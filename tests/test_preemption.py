@@ -124,7 +124,7 @@ def test_resumable_sampler_shards_and_resumes():
     assert list(t) == full[1][2:]
     t.set_epoch(1)
     assert t.consumed == 0 and list(t) != full[1]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sampler state has seed=.*the resumed order would differ"):
         ResumableSampler(data, seed=4).load_state_dict(state)
 
 
@@ -141,5 +141,5 @@ def test_resumable_loader_moves_to_next_epoch_after_last_batch():
     other = make_loader(n=10, batch_size=4)
     other.load_state_dict(state)
     assert [b[0].tolist() for b in other] == batches[1:]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="needs a ResumableSampler"):
         ResumableDataLoader(TinyData(4), sampler=None)

@@ -75,7 +75,7 @@ def test_discrete_time_nll_by_hand():
     assert float(surv(logits, time, event2)) == pytest.approx(sum(want2) / 3, rel=1e-6)
     s = torch.cumprod(1 - h, -1)
     torch.testing.assert_close(DiscreteTimeSurvival.risk(logits), -s.sum(-1))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="DiscreteTimeSurvival has no bins"):
         DiscreteTimeSurvival(3)(logits, time, event)
 
 
@@ -118,7 +118,7 @@ def test_classification_matches_torch_with_smoothing_and_balanced_weights():
 def test_multitask_missing_labels_and_unfitted():
     torch.manual_seed(0)
     obj = MultiTaskLoss(4, _tasks(), n_bins=2, task_weights={"os": 0.5})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"MultiTaskLoss\.fit\(train_labels\) must run before training"):
         obj(torch.randn(3, 4), {"subtype": torch.tensor([0, 1, 2])})
     obj.fit({"subtype": torch.tensor([0, 1, 2, 2]), "os/time": torch.tensor([1.0, 2.0, 3.0, float("nan")]),
              "os/event": torch.tensor([1.0, 1.0, 0.0, 1.0])})

@@ -165,7 +165,7 @@ def test_missing_or_incomplete_model_dir(bert_dir, tmp_path):
         TextEncoder(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SlidefmError) as e:
+    with pytest.raises(SlidefmError, match="config.json") as e:
         TextEncoder(empty)
     msg = str(e.value)
     assert str(empty) in msg and "config.json" in msg and "no weights" in msg and "tokenizer" in msg

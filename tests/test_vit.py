@@ -130,7 +130,7 @@ def test_registry_and_config():
     assert isinstance(m, ViTAggregator) and m.in_dim == 8 and m.dim == 16
     x = pack_slides([torch.randn(3, 8)], [torch.tensor([[0, 0], [1, 0], [0, 1]])])
     assert m(x).slide.shape == (1, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pos must be 'rope' or 'alibi', got 'absolute'"):
         ViTAggregator(8, dim=16, heads=2, pos="absolute")
 
 
