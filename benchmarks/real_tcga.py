@@ -59,7 +59,7 @@ TASKS = [
     {"name": "os_kidney", "kind": "survival", "level": "patient", "time": "os_kidney_months",
      "event": "os_kidney_event"},
 ]
-PRIMARY = {"nsclc_subtype": "macro_auroc", "rcc_subtype": "macro_auroc", "tp53_lung": "macro_auroc",
+PRIMARY = {"nsclc_subtype": "auroc", "rcc_subtype": "auroc", "tp53_lung": "auroc",
            "os_lung": "c_index", "os_kidney": "c_index"}
 
 

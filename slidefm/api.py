@@ -68,16 +68,27 @@ class Encoder:
             tokens = [t.float().cpu().numpy() for t in torch.split(out.tokens, packed.lengths.tolist())]
         return slide, tokens
 
-    def embed_slide(self, features, coords, patch_size_level0: float | None = None, overlap: float | None = None,
+    def embed_slide(self, features, coords=None, patch_size_level0: float | None = None, overlap: float | None = None,
                     patch_size: float | None = None, return_tokens: bool = False):
-        """One slide in memory -> (dim,) tensor (and (N, dim) token embeddings if asked)."""
+        """One slide in memory -> (dim,) tensor (and (N, dim) token embeddings if asked).
+
+        ``coords=None`` embeds a features-only bag; models that need positions refuse it."""
         f = torch.as_tensor(np.asarray(features), dtype=torch.float32)
         if f.ndim == 3 and f.shape[0] == 1:
             f = f[0]
         if f.ndim != 2 or f.shape[1] != self.in_dim:
             raise SlidefmError(f"features must be (N, {self.in_dim}), got {tuple(f.shape)}")
-        grid = coords_to_grid(np.asarray(coords), patch_size_level0, overlap, patch_size)
-        slide, tokens = self.encode_packed(pack_slides([f], [grid.positions]), return_tokens)
+        if coords is None:
+            from slidefm.data.positions import position_options
+
+            need = position_options(self.config, training=False)
+            if need:
+                raise SlidefmError(f"{need[0]} needs patch coordinates; embed_slide got coords=None")
+            packed = pack_slides([f], [torch.zeros(len(f), 2, dtype=torch.long)], has_positions=False)
+        else:
+            grid = coords_to_grid(np.asarray(coords), patch_size_level0, overlap, patch_size)
+            packed = pack_slides([f], [grid.positions])
+        slide, tokens = self.encode_packed(packed, return_tokens)
         s = torch.from_numpy(slide[0])
         return (s, torch.from_numpy(tokens[0])) if return_tokens else s
 

@@ -72,6 +72,11 @@ def test_features_only_cohort_trains_the_house_recipe(tmp_path):
                 "--level", "patient"]) == 0
     a = anndata.read_h5ad(emb)
     assert a.n_obs == 6 and np.isfinite(a.X).all()
+    import slidefm
+
+    enc = slidefm.load(out["checkpoint"])
+    with pytest.raises(SlidefmError, match=r"model.aggregator=vit .* needs patch coordinates; embed_slide got coords"):
+        enc.embed_slide(np.zeros((5, 16), np.float32))
 
 
 def _bags(tmp_path, n_slides=6, dim=8):
