@@ -1,5 +1,9 @@
 """Aggregator benchmarks: CPU MFU, packed vs padded, whole-slide memory, MOOZY anchor, GPU.
 
+GPU sections (CUDA only; skipped with a reason otherwise): gpu_mfu (bf16 MFU vs the datasheet peak),
+gpu_packed (packed vs padded bf16 training), gpu_slide (one 100k-patch slide, RoPE and ALiBi); "gpu" runs
+all three in one process. benchmarks/gpu_check.sh runs them as separate, time-limited parts.
+
     python benchmarks/aggregators.py                       # all CPU sections, spec sizes
     python benchmarks/aggregators.py --sections mfu,packed --mfu-tokens 2048
     python benchmarks/aggregators.py --sections moozy --moozy-python /tmp/moozy-venv/bin/python
@@ -133,15 +137,17 @@ def padded_forward(model, x):
     from slidefm.models.attention import apply_rope, rope_angles
 
     lens = x.lengths.tolist()
+    dev = x.tokens.device
     B, L, P, D = len(lens), max(lens), model.num_prefix, model.dim
     h = model.proj(x.tokens)
     seq = h.new_zeros(B, P + L, D)
-    pos = torch.full((B, P + L, 2), float("nan"))
-    valid = torch.zeros(B, P + L, dtype=torch.bool)
-    prefix = torch.cat([model.cls_token, model.registers])
+    pos = torch.full((B, P + L, 2), float("nan"), device=dev)
+    valid = torch.zeros(B, P + L, dtype=torch.bool, device=dev)
+    prefix = torch.cat([model.cls_token, model.registers]).to(h.dtype)
     for b, (a, e) in enumerate(zip(x.offsets[:-1].tolist(), x.offsets[1:].tolist())):
-        seq = seq.index_put((torch.tensor([b]), torch.arange(P)), prefix)
-        seq = seq.index_put((torch.tensor([b]), torch.arange(P, P + e - a)), h[a:e])
+        row = torch.tensor([b], device=dev)
+        seq = seq.index_put((row, torch.arange(P, device=dev)), prefix)
+        seq = seq.index_put((row, torch.arange(P, P + e - a, device=dev)), h[a:e])
         p = x.positions[a:e].float()
         pos[b, P : P + e - a] = p - p.mean(0)  # the model centres each slide's grid (CLS has no rotation)
         valid[b, : P + e - a] = True
@@ -324,18 +330,43 @@ def section_moozy(args) -> dict:
 
 
 # ---------------------------------------------------------------- (e) GPU
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Datasheet dense (no sparsity) bf16 tensor-core peaks, FLOP/s; first matching name pattern wins, so the
+# specific variants come before the family (device names: "NVIDIA H100 80GB HBM3" is the SXM part,
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe").
+BF16_PEAK = (
+    ("GH200", 989.4e12), ("H200 NVL", 835e12), ("H200", 989.4e12),
+    ("H100 NVL", 835e12), ("H100 PCIE", 756e12), ("H100", 989.4e12),
+    ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12),
+)
+GPU_GOALS = {"mfu_vs_datasheet": 0.40, "packed_speedup": 2.0, "slide_wall_s": 1.0, "slide_peak_gb": 8.0}
 
 
-def section_gpu(args) -> dict:
+def bf16_peak_flops(device_name: str) -> tuple[float | None, str | None]:
+    """(datasheet dense bf16 FLOP/s, matched pattern) for a CUDA device name, (None, None) if unknown."""
+    import re
+
+    up = device_name.upper()
+    for pattern, peak in BF16_PEAK:
+        # whole-word match: "A10" must not match "A100", "L4" not "L40S"
+        if re.search(r"(?<![A-Z0-9])" + re.escape(pattern) + r"(?![A-Z0-9])", up):
+            return peak, pattern
+    return None, None
+
+
+def _cuda_sync():
+    torch.cuda.synchronize()
+
+
+def section_gpu_mfu(args) -> dict:
+    """bf16 MFU of ViT-RoPE 384 x 6 on slides of --gpu-tokens tokens (training step: fwd + bwd + AdamW)."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     from slidefm.models.attention import resolve_backend
 
     dev, name = torch.device("cuda"), torch.cuda.get_device_name()
-    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    peak, matched = bf16_peak_flops(name)
     measured = gemm_flops(8192, 10, device="cuda", dtype=torch.bfloat16)
-    lens = [args.mfu_tokens] * args.gpu_batch
+    lens = [args.gpu_tokens] * args.gpu_batch
     model = build_vit(1024, 384, 6, 6, "rope").to(dev).train()
     x = make_batch(lens, 1024).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -347,35 +378,121 @@ def section_gpu(args) -> dict:
             loss = out.slide.float().square().mean() + out.tokens.float().square().mean()
         loss.backward()
         opt.step()
-        torch.cuda.synchronize()
+        _cuda_sync()
 
-    t = timed(step, 5, warmup=2)
+    t = timed(step, args.gpu_steps, warmup=2)
     flops = vit_flops(lens, 1024, 384, 6)
-    res = {"device": name, "train": {"tokens_per_slide": args.mfu_tokens, "slides": args.gpu_batch, "step_s": t,
-                                     "model_flop_s": flops / t, "bf16_gemm_flop_s": measured,
-                                     "mfu_vs_datasheet": flops / t / peak if peak else None,
-                                     "mfu_vs_gemm": flops / t / measured,
-                                     "backend": resolve_backend("auto", dev, torch.bfloat16)}}
-    for pos in ("rope", "alibi"):
-        model = build_vit(1024, 768, 6, 12, pos).to(dev).eval()
-        x = make_batch([args.slide_tokens], 1024).to(dev)
+    mfu = flops / t / peak if peak else None
+    return {"device": name, "config": {"tokens_per_slide": args.gpu_tokens, "slides": args.gpu_batch, "in_dim": 1024,
+                                       "dim": 384, "depth": 6, "heads": 6, "pos": "rope", "dtype": "bf16-autocast",
+                                       "steps": args.gpu_steps},
+            "backend": resolve_backend("auto", dev, torch.bfloat16), "step_s": t, "model_flops_per_step": flops,
+            "model_flop_s": flops / t, "datasheet_bf16_flop_s": peak, "datasheet_match": matched,
+            "bf16_gemm_flop_s": measured, "mfu_vs_datasheet": mfu, "mfu_vs_gemm": flops / t / measured,
+            "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "goal": GPU_GOALS["mfu_vs_datasheet"], "meets_goal": None if mfu is None else mfu >= GPU_GOALS["mfu_vs_datasheet"]}
+
+
+def section_gpu_packed(args) -> dict:
+    """Packed (varlen kernel) vs padded (dense SDPA + key mask) bf16 training, ViT 384 x 6, lognormal lengths."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    import numpy as np
+
+    from slidefm.models.attention import resolve_backend
+
+    dev = torch.device("cuda")
+    in_dim, dim, depth, heads = 256, 384, 6, 6
+    model = build_vit(in_dim, dim, depth, heads, "rope").to(dev).train()
+    rng = np.random.default_rng(0)
+    batches = [np.clip(rng.lognormal(math.log(2000), args.packed_sigma, args.packed_batch_size), 64, 20000).astype(int).tolist()
+               for _ in range(args.packed_batches)]
+
+    def run(fn, x):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            slide, tokens = fn(x)
+            loss = slide.float().square().mean() + tokens.float().square().mean()
+        loss.backward()
+        _cuda_sync()
+
+    def packed_fn(x):
+        out = model(x)
+        return out.slide, out.tokens
+
+    rows, t_packed, t_padded = [], 0.0, 0.0
+    for b, lens in enumerate(batches):
+        x = make_batch(lens, in_dim, seed=b).to(dev)
+        tp = timed(lambda: run(packed_fn, x), args.gpu_steps, warmup=1)
+        tq = timed(lambda: run(lambda y: padded_forward(model, y), x), args.gpu_steps, warmup=1)
+        t_packed += tp
+        t_padded += tq
+        rows.append({"lengths": lens, "tokens": sum(lens), "padded_tokens": len(lens) * max(lens),
+                     "packed_s": tp, "padded_s": tq, "speedup": tq / tp})
+    model.eval()
+    with torch.no_grad():
+        x = make_batch([300, 70, 150], in_dim, seed=7).to(dev)
+        ref, s_pad = model(x).slide, padded_forward(model, x)[0]
+    speedup = t_padded / t_packed
+    return {"config": {"in_dim": in_dim, "dim": dim, "depth": depth, "heads": heads, "lognormal_median": 2000,
+                       "sigma": args.packed_sigma, "clip": [64, 20000], "batch_size": args.packed_batch_size,
+                       "batches": args.packed_batches, "steps": args.gpu_steps, "dtype": "bf16-autocast"},
+            "backend_packed": resolve_backend("auto", dev, torch.bfloat16), "batches": rows,
+            "tokens_per_s_packed": sum(r["tokens"] for r in rows) / t_packed,
+            "tokens_per_s_padded": sum(r["tokens"] for r in rows) / t_padded,
+            "speedup": speedup, "goal": GPU_GOALS["packed_speedup"], "meets_goal": speedup >= GPU_GOALS["packed_speedup"],
+            "max_abs_diff_slide_packed_vs_padded_fp32": float((ref - s_pad).abs().max())}
+
+
+def section_gpu_slide(args) -> dict:
+    """One --slide-tokens slide (default 100k, no subsampling) through ViT 768 x 6, RoPE and ALiBi, bf16 inference."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from slidefm.models.attention import resolve_backend
+
+    dev = torch.device("cuda")
+    res = {"config": {"tokens": args.slide_tokens, "in_dim": 1024, "dim": 768, "depth": 6, "heads": 12,
+                      "subsampling": "none", "dtype": "bf16-autocast", "mode": "inference"},
+           "goal": {"wall_s": GPU_GOALS["slide_wall_s"], "peak_gpu_mem_gb": GPU_GOALS["slide_peak_gb"]}}
+    for pos in args.slide_pos.split(","):
+        try:
+            model = build_vit(1024, 768, 6, 12, pos).to(dev).eval()
+            x = make_batch([args.slide_tokens], 1024).to(dev)
+            torch.cuda.empty_cache()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                t0 = time.perf_counter()
+                model(x)  # first call: kernel selection / FlexAttention compile
+                _cuda_sync()
+                first = time.perf_counter() - t0
+                torch.cuda.reset_peak_memory_stats()
+                walls = []
+                for _ in range(args.gpu_steps):
+                    t0 = time.perf_counter()
+                    out = model(x)
+                    _cuda_sync()
+                    walls.append(time.perf_counter() - t0)
+            wall = sorted(walls)[len(walls) // 2]
+            peak = torch.cuda.max_memory_allocated() / 1e9
+            assert out.tokens.shape == (args.slide_tokens, 768) and bool(torch.isfinite(out.slide).all())
+            res[pos] = {"wall_s": wall, "wall_s_all": walls, "first_call_s": first, "peak_gpu_mem_gb": peak,
+                        "backend": resolve_backend("auto", dev, torch.bfloat16, alibi=pos == "alibi"),
+                        "flop_s": vit_flops([args.slide_tokens], 1024, 768, 6, train=False) / wall,
+                        "meets_goal": wall < GPU_GOALS["slide_wall_s"] and peak < GPU_GOALS["slide_peak_gb"]}
+            del model, x, out
+        except Exception as e:  # one position scheme failing must not lose the other's figures
+            res[pos] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            torch.cuda.synchronize()
-        res[f"slide_{pos}"] = {"tokens": args.slide_tokens, "wall_s": time.perf_counter() - t0,
-                               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
-                               "backend": resolve_backend("auto", dev, torch.bfloat16, alibi=pos == "alibi")}
-        del model, x
     return res
 
 
+def section_gpu(args) -> dict:
+    """All GPU parts in one process (benchmarks/gpu_check.sh runs them as separate parts instead)."""
+    return {"mfu": section_gpu_mfu(args), "packed": section_gpu_packed(args), "slide": section_gpu_slide(args)}
+
+
 SECTIONS = {"mfu": section_mfu, "packed": section_packed, "slide": section_slide, "moozy": section_moozy,
-            "gpu": section_gpu}
+            "gpu": section_gpu, "gpu_mfu": section_gpu_mfu, "gpu_packed": section_gpu_packed,
+            "gpu_slide": section_gpu_slide}
 CHILDREN = {"slide": child_slide, "moozy": child_moozy, "ours_grid": child_ours_grid}
 
 
@@ -399,7 +516,9 @@ def main(argv=None) -> int:
     p.add_argument("--moozy-tokens", type=int, default=10_000)
     p.add_argument("--moozy-python", default="/tmp/moozy-venv/bin/python")
     p.add_argument("--moozy-repeats", type=int, default=2)
-    p.add_argument("--gpu-batch", type=int, default=8)
+    p.add_argument("--gpu-batch", type=int, default=8, help="slides per GPU MFU step")
+    p.add_argument("--gpu-tokens", type=int, default=8192, help="tokens per slide of the GPU MFU step")
+    p.add_argument("--gpu-steps", type=int, default=5, help="timed repeats per GPU measurement")
     p.add_argument("--child-timeout", type=float, default=7200)
     p.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--pos", default="rope", help=argparse.SUPPRESS)

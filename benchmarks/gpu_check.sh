@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU check (issue 16): tests/gpu + the GPU benchmark sections, in under 8 minutes, as ONE JSON object on
+# stdout, also written to benchmarks/results/gpu_check.json (after every part: a killed run keeps what it had).
+#
+#   benchmarks/gpu_check.sh               # on a CUDA machine
+#   benchmarks/gpu_check.sh --dry-run     # anywhere: canned benchmark numbers, real (skipped) tests
+#
+# Each part runs in its own process with its own timeout (see benchmarks/gpu_check.py); a failing or
+# hanging part is recorded and the rest still run. Progress lines go to stderr.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+# Hard stop a little past the python part's own budget (450 s): the whole script stays under 8 minutes.
+exec timeout -k 5 "${GPU_CHECK_HARD_LIMIT_S:-470}" "$PY" benchmarks/gpu_check.py "$@"
