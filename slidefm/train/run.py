@@ -120,6 +120,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
     from pytorch_lightning.loggers import CSVLogger
 
     from slidefm.train.checkpoint_io import AtomicCheckpointIO, FinalCheckpoint
+    from slidefm.train.memory import memory_callbacks
     from slidefm.train.preemption import PreemptionCheckpoint
     from slidefm.train.progress import StepProgressBar
     from slidefm.train.slurm import check_slurm_layout, cluster_plugins
@@ -137,6 +138,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
         FinalCheckpoint(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
         *([StepProgressBar()] if t.progress_bar else []),
+        *memory_callbacks(),  # opt-in glibc heap settings (SLIDEFM_MALLOC_TUNING=1; slidefm.train.memory)
     ]
     val_kw = {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None} if t.val_every_n_steps else {}
     return pl.Trainer(
