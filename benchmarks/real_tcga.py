@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality import CPU_SCALE  # noqa: E402 - the same CPU scaling as the synthetic benchmark
 ENV = dict(os.environ)
 RESULTS = ROOT / "benchmarks" / "results" / "real_tcga.json"
 BAGS = "3-Self-Supervised-Eval/embeddings_slide_lib/vit256mean_tcga_slide_embeddings"
@@ -107,20 +109,30 @@ def build_cohort(hipt: Path, cohort: Path) -> dict:
     return {"cohort": str(cohort), "built": True, "slides": s.slides, "patients": s.patients, "regions": s.patches}
 
 
+class Refused(Exception):
+    """slidefm refused the run as a user error (exit 2), e.g. a recipe this cohort cannot feed."""
+
+
 def sh(cmd: list[str], log_file: Path) -> float:
     t0 = time.perf_counter()
     with open(log_file, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        f.write(r.stderr)
+    if r.returncode == 2:
+        raise Refused(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "exit 2")
     if r.returncode:
         raise SystemExit(f"command failed ({r.returncode}), see {log_file}: {' '.join(cmd)}")
     return time.perf_counter() - t0
 
 
 def run_model(spec: str, cohort: Path, work: Path, overrides: list[str]) -> tuple[Path, dict]:
-    """Pretrain (resumes/finishes in place) and export patient embeddings for RECIPE:STEPS[:TAG]."""
+    """Pretrain (resumes/finishes in place) and export patient embeddings for RECIPE:STEPS[:TAG].
+
+    Paper-sized recipes get quality.py's CPU scaling (widths/depths only) so they pretrain here."""
     recipe, steps, *tag = spec.split(":")
+    overrides = [*CPU_SCALE.get(recipe, []), *overrides]
     name = f"{recipe}_{steps}" + (f"_{tag[0]}" if tag else "")
     run_dir = work / "runs" / name
     emb = work / "embeddings" / f"{name}.h5ad"
@@ -189,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict = {}
     base_done = False
     for spec in args.runs:
-        emb, info = run_model(spec, cohort, work, args.override)
+        try:
+            emb, info = run_model(spec, cohort, work, args.override)
+        except Refused as e:
+            runs[spec.replace(":", "_")] = {"recipe": spec.split(":")[0], "refused": str(e)}
+            log(f"{spec}: refused: {e}")
+            continue
         name = emb.stem
         for split in args.splits:
             df = evaluate(emb, cohort, work / "eval" / name / split, split, work / "logs" / f"{name}.log")
