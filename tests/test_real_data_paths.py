@@ -213,3 +213,15 @@ def test_synthetic_site_effect_is_not_removed_by_centring():
         out[mode] = float(np.abs(c[0] - c[1]).max())
     assert out["additive"] < 1e-4
     assert out["realistic"] > 0.1
+
+
+def test_import_bags_without_layout_gives_a_features_only_cohort(tmp_path):
+    from slidefm.cohort.importer import import_bags
+
+    bags, table = _bags(tmp_path)
+    import_bags(bags, tmp_path / "cohort", [table], tcga=True, layout="none")
+    c = Cohort.open(tmp_path / "cohort", validate=True)
+    sd = c.read_slide(c.slide_ids[0])
+    assert not sd.has_positions and sd.num_patches == 3
+    with h5py.File(tmp_path / "cohort" / "features" / f"{c.slide_ids[0]}.h5") as f:
+        assert "coords" not in f and f.attrs["slidefm_layout"] == "none"
