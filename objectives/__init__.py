@@ -2,15 +2,14 @@
 
 ``OBJECTIVES.build(cfg, **extra)`` builds one objective from its config dataclass; the names
 match the fields of ``slidefm.config.ObjectivesConfig``. Extras passed by the training module:
-``contrastive`` (embed_dim, unused), ``distillation`` (student aggregator), ``supervised``
-(dim, tasks), ``expert`` (dim, expert_dims). Every config has a ``weight`` that the training
-module applies; builders ignore it.
+``distillation`` (student aggregator), ``supervised`` (dim, tasks), ``expert`` (dim, expert_dims).
+Every config has a ``weight`` that the training module applies (``objective.cfg.weight``).
 """
 
 from __future__ import annotations
 
 from slidefm.registry import Registry
-from slidefm.objectives.contrastive import ContrastiveConfig, MultiModalContrastive, build_contrastive
+from slidefm.objectives.contrastive import ContrastiveConfig, MultiModalContrastive
 from slidefm.objectives.distillation import (
     DINOHead,
     DINOLoss,
@@ -18,12 +17,11 @@ from slidefm.objectives.distillation import (
     IBOTPatchLoss,
     KoLeoLoss,
     MaskedSelfDistillation,
-    build_distillation,
     cosine_schedule,
     ema_update,
     sinkhorn_knopp,
 )
-from slidefm.objectives.expert import ExpertConfig, ExpertDistillation, build_expert
+from slidefm.objectives.expert import ExpertConfig, ExpertDistillation
 from slidefm.objectives.supervised import (
     MultiTaskLoss,
     SupervisedConfig,
@@ -34,10 +32,10 @@ from slidefm.objectives.supervised import (
 from slidefm.objectives.survival import DiscreteTimeSurvival, cox_ph_loss, quantile_cuts
 
 OBJECTIVES = Registry("objective")
-OBJECTIVES.register("contrastive", config=ContrastiveConfig)(build_contrastive)
-OBJECTIVES.register("distillation", config=DistillationConfig)(build_distillation)
+OBJECTIVES.register("contrastive", config=ContrastiveConfig)(MultiModalContrastive)
+OBJECTIVES.register("distillation", config=DistillationConfig)(MaskedSelfDistillation)
 OBJECTIVES.register("supervised", config=SupervisedConfig)(build_supervised)
-OBJECTIVES.register("expert", config=ExpertConfig)(build_expert)
+OBJECTIVES.register("expert", config=ExpertConfig)(ExpertDistillation)
 
 __all__ = [
     "OBJECTIVES",

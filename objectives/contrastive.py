@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slidefm.objectives import distributed as D
+from slidefm.registry import check_choices
 
 
 @dataclass
@@ -37,10 +38,11 @@ class ContrastiveConfig:
     pairs: List[List[str]] = field(
         default_factory=lambda: [["slide", "report"]], metadata={"help": "modality pairs, e.g. [[slide, report]]"}
     )
-    kind: str = field(default="infonce", metadata={"help": "infonce (symmetric CLIP) | siglip (sigmoid)"})
+    kind: Literal["infonce", "siglip"] = field(default="infonce", metadata={
+        "help": "symmetric CLIP cross-entropy (infonce) or the pairwise sigmoid loss (siglip)"})
     init_logit_scale: float = field(default=math.log(1 / 0.07), metadata={"help": "initial log logit scale"})
     max_logit_scale: float = field(default=math.log(100.0), metadata={"help": "log logit scale is clamped to this"})
-    learn_logit_scale: bool = True
+    learn_logit_scale: bool = field(default=True, metadata={"help": "train the logit scale (else keep it fixed)"})
     shared_logit_scale: bool = field(default=False, metadata={"help": "one logit scale for all pairs"})
     pair_weights: Optional[List[float]] = field(default=None, metadata={"help": "one weight per pair (default 1)"})
     init_bias: float = field(default=-10.0, metadata={"help": "siglip: initial learnable bias"})
@@ -70,23 +72,11 @@ class MultiModalContrastive(nn.Module):
     move back below the cap (a functional clamp would zero its gradient for good).
     """
 
-    def __init__(
-        self,
-        pairs: Sequence[Sequence[str]] = (("slide", "report"),),
-        kind: str = "infonce",
-        init_logit_scale: float = math.log(1 / 0.07),
-        max_logit_scale: float = math.log(100.0),
-        learn_logit_scale: bool = True,
-        shared_logit_scale: bool = False,
-        pair_weights: Sequence[float] | None = None,
-        init_bias: float = -10.0,
-        local_loss: bool = False,
-        gather: bool = True,
-    ):
+    def __init__(self, cfg: ContrastiveConfig):
         super().__init__()
-        if kind not in ("infonce", "siglip"):
-            raise ValueError(f"contrastive kind must be 'infonce' or 'siglip', got {kind!r}")
-        self.pairs = [tuple(str(m) for m in p) for p in pairs]
+        check_choices(cfg, "contrastive ")
+        self.cfg = cfg
+        self.pairs = [tuple(str(m) for m in p) for p in cfg.pairs]
         if not self.pairs:
             raise ValueError("contrastive objective needs at least one modality pair")
         for p in self.pairs:
@@ -95,27 +85,27 @@ class MultiModalContrastive(nn.Module):
         keys = [_key(*p) for p in self.pairs]
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate contrastive pairs: {keys}")
-        weights = [1.0] * len(self.pairs) if pair_weights is None else [float(w) for w in pair_weights]
+        weights = [1.0] * len(self.pairs) if cfg.pair_weights is None else [float(w) for w in cfg.pair_weights]
         if len(weights) != len(self.pairs):
             raise ValueError(f"{len(weights)} pair_weights for {len(self.pairs)} pairs")
-        self.kind = kind
+        self.kind = cfg.kind
         self.pair_weights = weights
-        self.max_logit_scale = float(max_logit_scale)
-        self.shared_logit_scale = shared_logit_scale
-        self.local_loss = local_loss
-        self.gather = gather
+        self.max_logit_scale = float(cfg.max_logit_scale)
+        self.shared_logit_scale = cfg.shared_logit_scale
+        self.local_loss = cfg.local_loss
+        self.gather = cfg.gather
         self.modalities = sorted({m for p in self.pairs for m in p})  # fixed order = same collectives on every rank
 
-        init = min(float(init_logit_scale), self.max_logit_scale)
-        names = ["shared"] if shared_logit_scale else [f"{a}__{b}" for a, b in self.pairs]
+        init = min(float(cfg.init_logit_scale), self.max_logit_scale)
+        names = ["shared"] if cfg.shared_logit_scale else [f"{a}__{b}" for a, b in self.pairs]
         scales = {n: torch.tensor(init) for n in names}
-        if learn_logit_scale:
+        if cfg.learn_logit_scale:
             self.log_scales = nn.ParameterDict({n: nn.Parameter(v) for n, v in scales.items()})
         else:
             self.log_scales = nn.ParameterDict({n: nn.Parameter(v, requires_grad=False) for n, v in scales.items()})
         self.biases = (
-            nn.ParameterDict({f"{a}__{b}": nn.Parameter(torch.tensor(float(init_bias))) for a, b in self.pairs})
-            if kind == "siglip"
+            nn.ParameterDict({f"{a}__{b}": nn.Parameter(torch.tensor(float(cfg.init_bias))) for a, b in self.pairs})
+            if cfg.kind == "siglip"
             else None
         )
 
@@ -195,9 +185,4 @@ class MultiModalContrastive(nn.Module):
         return out
 
 
-def build_contrastive(weight: float = 1.0, embed_dim: int | None = None, **kwargs) -> MultiModalContrastive:
-    """Registry builder: ``weight`` is applied by the training module; ``embed_dim`` is not needed."""
-    return MultiModalContrastive(**kwargs)
-
-
-__all__ = ["ContrastiveConfig", "MultiModalContrastive", "build_contrastive"]
+__all__ = ["ContrastiveConfig", "MultiModalContrastive"]

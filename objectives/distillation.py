@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from slidefm.data.batch import PackedSlides
 from slidefm.models.segments import segment_mean
 from slidefm.objectives import distributed as D
+from slidefm.registry import check_choices
 
 
 @dataclass
@@ -31,23 +32,25 @@ class DistillationConfig:
     weight: float = field(default=1.0, metadata={"help": "weight of this objective in the total loss"})
     out_dim: int = field(default=8192, metadata={"help": "number of DINO prototypes"})
     patch_out_dim: Optional[int] = field(default=None, metadata={"help": "iBOT prototypes (default out_dim)"})
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    separate_ibot_head: bool = True
+    hidden_dim: int = field(default=2048, metadata={"help": "hidden width of the DINO/iBOT head MLPs"})
+    bottleneck_dim: int = field(default=256, metadata={"help": "width before the prototype layer"})
+    nlayers: int = field(default=3, metadata={"help": "linear layers of the head MLP, >= 1"})
+    separate_ibot_head: bool = field(default=True, metadata={
+        "help": "iBOT has its own head (else it shares the DINO head, which needs patch_out_dim == out_dim)"})
     freeze_prototype_norm: bool = field(default=True, metadata={"help": "unit-norm prototypes (weight_norm g = 1)"})
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
+    student_temp: float = field(default=0.1, metadata={"help": "student softmax temperature"})
+    teacher_temp: float = field(default=0.07, metadata={"help": "teacher softmax temperature after the warm-up"})
+    warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at step 0"})
     warmup_teacher_temp_steps: int = field(default=0, metadata={"help": "cosine ramp of the teacher temperature"})
-    centering: str = field(default="centering", metadata={"help": "centering (EMA centre) | sinkhorn_knopp"})
-    center_momentum: float = 0.9
-    sinkhorn_iters: int = 3
-    momentum_start: float = 0.996
-    momentum_end: float = 1.0
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.0
+    centering: Literal["centering", "sinkhorn_knopp"] = field(default="centering", metadata={
+        "help": "how teacher outputs are kept from collapsing: an EMA centre, or Sinkhorn-Knopp balancing"})
+    center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher centre"})
+    sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations"})
+    momentum_start: float = field(default=0.996, metadata={"help": "teacher EMA momentum at step 0 (cosine to end)"})
+    momentum_end: float = field(default=1.0, metadata={"help": "teacher EMA momentum at the last step"})
+    dino_weight: float = field(default=1.0, metadata={"help": "weight of the slide-level DINO loss"})
+    ibot_weight: float = field(default=1.0, metadata={"help": "weight of the masked-token iBOT loss"})
+    koleo_weight: float = field(default=0.0, metadata={"help": "weight of the KoLeo spread regulariser"})
     feature_weight: float = field(default=0.0, metadata={
         "help": "masked feature modelling: regress the input features at masked tokens (MAE-style, as "
                 "Prov-GigaPath); a target that is informative from the first step, unlike the EMA teacher's"})
@@ -99,16 +102,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 class DINOHead(nn.Module):
     """MLP -> bottleneck -> L2 norm -> weight-normalised linear layer onto ``out_dim`` prototypes."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 8192,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
-        freeze_prototype_norm: bool = True,
-    ):
+    def __init__(self, cfg: DistillationConfig, *, in_dim: int, out_dim: int):
         super().__init__()
+        hidden_dim, bottleneck_dim, nlayers = cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers
         if nlayers < 1:
             raise ValueError("DINOHead needs nlayers >= 1")
         if nlayers == 1:
@@ -131,7 +127,7 @@ class DINOHead(nn.Module):
             g.fill_(1.0)
         # g = 1 frozen: logits are cosine similarities to unit prototypes (bounded), which keeps
         # the low-temperature teacher softmax and Sinkhorn exponentials finite.
-        g.requires_grad_(not freeze_prototype_norm)
+        g.requires_grad_(not cfg.freeze_prototype_norm)
         self.out_dim = out_dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,14 +166,13 @@ def sinkhorn_knopp(scores: Tensor, n_iter: int = 3) -> Tensor:
 class _TeacherTargets(nn.Module):
     """Teacher distribution with either an EMA centre or Sinkhorn-Knopp, plus the student CE."""
 
-    def __init__(self, out_dim: int, student_temp: float, center_momentum: float, centering: str, sinkhorn_iters: int):
+    def __init__(self, cfg: DistillationConfig, *, out_dim: int):
         super().__init__()
-        if centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.sinkhorn_iters = sinkhorn_iters
+        check_choices(cfg)
+        self.student_temp = cfg.student_temp
+        self.center_momentum = cfg.center_momentum
+        self.centering = cfg.centering
+        self.sinkhorn_iters = cfg.sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
@@ -207,10 +202,6 @@ class DINOLoss(_TeacherTargets):
     G * (G - 1) global-global plus G * L global-local (teacher view, student view) pairs.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "centering", sinkhorn_iters: int = 3):
-        super().__init__(out_dim, student_temp, center_momentum, centering, sinkhorn_iters)
-
     def forward(self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor, n_global: int) -> Tensor:
         k = teacher_probs.shape[-1]
         b = student_global.shape[0] // n_global
@@ -231,10 +222,6 @@ class DINOLoss(_TeacherTargets):
 
 class IBOTPatchLoss(_TeacherTargets):
     """CE at masked tokens only, averaged within each view first, then over views with masked tokens."""
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "centering", sinkhorn_iters: int = 3):
-        super().__init__(out_dim, student_temp, center_momentum, centering, sinkhorn_iters)
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, view_index: Tensor, n_views: int) -> Tensor:
         """``student_logits``/``teacher_probs`` (M, K) for the M masked tokens; ``view_index`` (M,)."""
@@ -301,56 +288,30 @@ class MaskedSelfDistillation(nn.Module):
     ``dino``, ``ibot``, ``koleo``, ``teacher_temp`` and ``n_masked``.
     """
 
-    def __init__(
-        self,
-        student: nn.Module,
-        out_dim: int = 8192,
-        patch_out_dim: int | None = None,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
-        separate_ibot_head: bool = True,
-        freeze_prototype_norm: bool = True,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_steps: int = 0,
-        centering: str = "centering",
-        center_momentum: float = 0.9,
-        sinkhorn_iters: int = 3,
-        momentum_start: float = 0.996,
-        momentum_end: float = 1.0,
-        dino_weight: float = 1.0,
-        ibot_weight: float = 1.0,
-        koleo_weight: float = 0.0,
-        feature_weight: float = 0.0,
-        feature_hidden_dim: int = 0,
-        n_global: int = 2,
-    ):
+    def __init__(self, cfg: DistillationConfig, *, student: nn.Module):
         super().__init__()
-        for name, w in (("dino_weight", dino_weight), ("ibot_weight", ibot_weight), ("koleo_weight", koleo_weight),
-                        ("feature_weight", feature_weight), ("feature_hidden_dim", feature_hidden_dim)):
-            if w < 0:
-                raise ValueError(f"objectives.distillation.{name} must be >= 0, got {w}")
+        for name in ("dino_weight", "ibot_weight", "koleo_weight", "feature_weight", "feature_hidden_dim"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"objectives.distillation.{name} must be >= 0, got {getattr(cfg, name)}")
+        self.cfg = cfg
+        out_dim, feature_hidden_dim = cfg.out_dim, cfg.feature_hidden_dim
         student = _unwrap(student)
         dim = int(student.dim)
         self.feature_head = None
-        if feature_weight > 0:
+        if cfg.feature_weight > 0:
             in_dim = int(student.in_dim)
             layers: list[nn.Module] = [nn.LayerNorm(dim)]
             if feature_hidden_dim:
                 layers += [nn.Linear(dim, feature_hidden_dim), nn.GELU()]
             layers.append(nn.Linear(feature_hidden_dim or dim, in_dim))
             self.feature_head = nn.Sequential(*layers)
-        patch_out_dim = out_dim if patch_out_dim is None else patch_out_dim
-        if not separate_ibot_head and patch_out_dim != out_dim:
+        patch_out_dim = out_dim if cfg.patch_out_dim is None else cfg.patch_out_dim
+        if not cfg.separate_ibot_head and patch_out_dim != out_dim:
             raise ValueError("a shared DINO/iBOT head needs patch_out_dim == out_dim")
-        head = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
-                    freeze_prototype_norm=freeze_prototype_norm)
-        self.dino_head = DINOHead(dim, out_dim, **head)
-        self.ibot_head = DINOHead(dim, patch_out_dim, **head) if separate_ibot_head else None
-        self.dino_loss = DINOLoss(out_dim, student_temp, center_momentum, centering, sinkhorn_iters)
-        self.ibot_loss = IBOTPatchLoss(patch_out_dim, student_temp, center_momentum, centering, sinkhorn_iters)
+        self.dino_head = DINOHead(cfg, in_dim=dim, out_dim=out_dim)
+        self.ibot_head = DINOHead(cfg, in_dim=dim, out_dim=patch_out_dim) if cfg.separate_ibot_head else None
+        self.dino_loss = DINOLoss(cfg, out_dim=out_dim)
+        self.ibot_loss = IBOTPatchLoss(cfg, out_dim=patch_out_dim)
         self.koleo_loss = KoLeoLoss()
         teacher = nn.ModuleDict({"backbone": copy.deepcopy(student), "dino_head": copy.deepcopy(self.dino_head)})
         if self.ibot_head is not None:
@@ -359,13 +320,13 @@ class MaskedSelfDistillation(nn.Module):
         self.teacher = teacher.eval()
         # Plain attribute, not a submodule: the model owns (and checkpoints, and optimises) the student.
         object.__setattr__(self, "_student", student)
-        self.teacher_temp_final = teacher_temp
-        self.warmup_teacher_temp = warmup_teacher_temp
-        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
-        self.momentum_start, self.momentum_end = momentum_start, momentum_end
-        self.dino_weight, self.ibot_weight, self.koleo_weight = dino_weight, ibot_weight, koleo_weight
-        self.feature_weight = feature_weight
-        self.n_global = n_global
+        self.teacher_temp_final = cfg.teacher_temp
+        self.warmup_teacher_temp = cfg.warmup_teacher_temp
+        self.warmup_teacher_temp_steps = cfg.warmup_teacher_temp_steps
+        self.momentum_start, self.momentum_end = cfg.momentum_start, cfg.momentum_end
+        self.dino_weight, self.ibot_weight, self.koleo_weight = cfg.dino_weight, cfg.ibot_weight, cfg.koleo_weight
+        self.feature_weight = cfg.feature_weight
+        self.n_global = cfg.n_global
         # Optimizer steps taken (drives the teacher-temperature schedule; checkpointed for resume).
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -471,11 +432,6 @@ class MaskedSelfDistillation(nn.Module):
         return F.mse_loss(self.feature_head(tokens[masked]).float(), target)
 
 
-def build_distillation(student: nn.Module, weight: float = 1.0, **kwargs) -> MaskedSelfDistillation:
-    """Registry builder: ``student`` is the aggregator to distil; ``weight`` is applied by the training module."""
-    return MaskedSelfDistillation(student, **kwargs)
-
-
 __all__ = [
     "DINOHead",
     "DINOLoss",
@@ -483,7 +439,6 @@ __all__ = [
     "IBOTPatchLoss",
     "KoLeoLoss",
     "MaskedSelfDistillation",
-    "build_distillation",
     "cosine_schedule",
     "ema_update",
     "sinkhorn_knopp",

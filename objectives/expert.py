@@ -7,20 +7,23 @@ embedding by a per-expert projection head; slides the expert did not embed are m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from slidefm.registry import check_choices
 
 
 @dataclass
 class ExpertConfig:
     name: str = "expert"
     weight: float = field(default=1.0, metadata={"help": "weight of this objective in the total loss"})
-    loss: str = field(default="cosine", metadata={"help": "cosine | smooth_l1 (on layer-normed targets)"})
+    loss: Literal["cosine", "smooth_l1"] = field(default="cosine", metadata={
+        "help": "per-slide loss: 1 - cosine similarity, or smooth-L1 on layer-normed targets"})
     hidden_dim: int = field(default=0, metadata={"help": "0: linear projection; >0: one hidden layer"})
-    smooth_l1_beta: float = 1.0
+    smooth_l1_beta: float = field(default=1.0, metadata={"help": "smooth_l1: where the loss turns from L2 to L1"})
     expert_weights: Dict[str, float] = field(default_factory=dict, metadata={"help": "expert name -> loss weight (default 1)"})
 
 
@@ -33,25 +36,18 @@ class ExpertDistillation(nn.Module):
     contributes 0 with its head in the graph. Returns ``loss``, ``loss/<expert>``, ``n/<expert>``.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        expert_dims: dict[str, int],
-        loss: str = "cosine",
-        hidden_dim: int = 0,
-        smooth_l1_beta: float = 1.0,
-        expert_weights: dict[str, float] | None = None,
-    ):
+    def __init__(self, cfg: ExpertConfig, *, dim: int, expert_dims: dict[str, int]):
         super().__init__()
-        if loss not in ("cosine", "smooth_l1"):
-            raise ValueError(f"expert loss must be 'cosine' or 'smooth_l1', got {loss!r}")
+        check_choices(cfg, "expert ")
         if not expert_dims:
             raise ValueError("expert distillation needs at least one expert (data.experts)")
         self.names = sorted(expert_dims)
         self.expert_dims = {n: int(expert_dims[n]) for n in self.names}
-        self.loss_kind = loss
-        self.beta = smooth_l1_beta
-        self.weights = {n: float((expert_weights or {}).get(n, 1.0)) for n in self.names}
+        self.cfg = cfg
+        self.loss_kind = cfg.loss
+        self.beta = cfg.smooth_l1_beta
+        self.weights = {n: float((cfg.expert_weights or {}).get(n, 1.0)) for n in self.names}
+        hidden_dim = cfg.hidden_dim
         # ModuleList indexed like self.names: expert names may contain '.', which ModuleDict rejects.
         self.heads = nn.ModuleList(
             nn.Linear(dim, d) if hidden_dim <= 0 else nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, d))
@@ -92,9 +88,4 @@ class ExpertDistillation(nn.Module):
         return out
 
 
-def build_expert(dim: int, expert_dims: dict[str, int], weight: float = 1.0, **kwargs) -> ExpertDistillation:
-    """Registry builder: ``dim`` is the slide-embedding width; ``weight`` is applied by the training module."""
-    return ExpertDistillation(dim, expert_dims, **kwargs)
-
-
-__all__ = ["ExpertConfig", "ExpertDistillation", "build_expert"]
+__all__ = ["ExpertConfig", "ExpertDistillation"]

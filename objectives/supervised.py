@@ -9,7 +9,7 @@ missing for survival. Class weights and survival bins are fitted once on the tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +17,21 @@ from torch import Tensor, nn
 
 from slidefm.errors import SlidefmError
 from slidefm.objectives.survival import DiscreteTimeSurvival, cox_ph_loss, quantile_cuts
+from slidefm.registry import check_choices
 
 
 @dataclass
 class SupervisedConfig:
     name: str = "supervised"
     weight: float = field(default=1.0, metadata={"help": "weight of this objective in the total loss"})
-    label_smoothing: float = 0.1
-    class_weighting: Optional[str] = field(default="balanced", metadata={"help": "balanced | null"})
-    survival_loss: str = field(default="discrete", metadata={"help": "discrete (quantile-bin hazards) | cox"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the classification losses"})
+    class_weighting: Optional[Literal["balanced", "none"]] = field(default="balanced", metadata={
+        "help": "classification class weights: balanced (n / (C * count), fitted on training labels) or none/null"})
+    survival_loss: Literal["discrete", "cox"] = field(default="discrete", metadata={
+        "help": "discrete-time hazards on quantile bins of the event times, or the Cox partial likelihood"})
     n_bins: int = field(default=4, metadata={"help": "discrete-time survival bins (quantiles of event times)"})
     hidden_dim: int = field(default=0, metadata={"help": "0: linear heads; >0: one hidden layer"})
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the heads"})
     task_weights: Dict[str, float] = field(default_factory=dict, metadata={"help": "task name -> loss weight (default 1; 0 drops a task)"})
 
 
@@ -92,30 +95,18 @@ class MultiTaskLoss(nn.Module):
     every parameter used). ``forward`` returns ``loss``, ``loss/<task>`` and ``n/<task>``.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        tasks: Sequence[Any],
-        label_smoothing: float = 0.1,
-        class_weighting: str | None = "balanced",
-        survival_loss: str = "discrete",
-        n_bins: int = 4,
-        hidden_dim: int = 0,
-        dropout: float = 0.0,
-        task_weights: dict[str, float] | None = None,
-    ):
+    def __init__(self, cfg: SupervisedConfig, *, dim: int, tasks: Sequence[Any]):
         super().__init__()
-        if class_weighting not in (None, "none", "balanced"):
-            raise ValueError(f"class_weighting must be 'balanced' or None, got {class_weighting!r}")
-        if survival_loss not in ("discrete", "cox"):
-            raise ValueError(f"survival_loss must be 'discrete' or 'cox', got {survival_loss!r}")
+        check_choices(cfg)
+        self.cfg = cfg
+        survival_loss, n_bins = cfg.survival_loss, cfg.n_bins
         self.tasks = [SupervisedTask.from_any(t) for t in tasks]
         if not self.tasks:
             raise SlidefmError("the supervised objective needs at least one task (cohort.yaml tasks)")
-        self.label_smoothing = label_smoothing
-        self.balanced = class_weighting == "balanced"
+        self.label_smoothing = cfg.label_smoothing
+        self.balanced = cfg.class_weighting == "balanced"
         self.survival_loss = survival_loss
-        self.task_weights = {t.name: float((task_weights or {}).get(t.name, 1.0)) for t in self.tasks}
+        self.task_weights = {t.name: float((cfg.task_weights or {}).get(t.name, 1.0)) for t in self.tasks}
         self.heads = nn.ModuleList()
         self.survival = nn.ModuleList()  # one DiscreteTimeSurvival per task (identity slot otherwise)
         self._class_weight_names: list[str] = []
@@ -133,7 +124,7 @@ class MultiTaskLoss(nn.Module):
                 self.survival.append(DiscreteTimeSurvival(n_bins, t.cuts) if survival_loss == "discrete" else nn.Identity())
             else:
                 raise ValueError(f"task '{t.name}': unknown kind {t.kind!r}")
-            self.heads.append(_Head(dim, out, hidden_dim, dropout))
+            self.heads.append(_Head(dim, out, cfg.hidden_dim, cfg.dropout))
 
     @torch.no_grad()
     def fit(self, labels: dict[str, Tensor]) -> "MultiTaskLoss":
@@ -203,8 +194,8 @@ class MultiTaskLoss(nn.Module):
         return out
 
 
-def build_supervised(dim: int, tasks: Sequence[Any] = (), weight: float = 1.0, **kwargs) -> MultiTaskLoss:
-    """Registry builder: ``dim`` is the patient-embedding width; ``weight`` is applied by the training module.
+def build_supervised(cfg: SupervisedConfig, *, dim: int, tasks: Sequence[Any] = ()) -> MultiTaskLoss:
+    """Registry builder: ``dim`` is the patient-embedding width.
 
     ``tasks`` may be cohort TaskSpecs (or their dicts) with ``classes``/``n_classes`` added for
     classification; tasks whose ``level`` is not 'patient' are skipped (no patient labels exist).
@@ -212,7 +203,7 @@ def build_supervised(dim: int, tasks: Sequence[Any] = (), weight: float = 1.0, *
     def level(t):
         return t.get("level", "patient") if isinstance(t, dict) else getattr(t, "level", "patient")
 
-    return MultiTaskLoss(dim, [t for t in tasks if level(t) in (None, "patient")], **kwargs)
+    return MultiTaskLoss(cfg, dim=dim, tasks=[t for t in tasks if level(t) in (None, "patient")])
 
 
 __all__ = ["MultiTaskLoss", "SupervisedConfig", "SupervisedTask", "balanced_class_weights", "build_supervised"]

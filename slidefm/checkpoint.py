@@ -124,12 +124,13 @@ def to_config(config: Any):
     from omegaconf import OmegaConf
 
     from slidefm.config import TrainConfig, register_configs
+    from slidefm.registry import omegaconf_schema
 
     register_configs()
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
     # Merging onto the schema rejects unknown keys and fills options added after the checkpoint was written.
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), config)
+    return OmegaConf.merge(OmegaConf.structured(omegaconf_schema(TrainConfig)), config)
 
 
 def _state(ck: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:

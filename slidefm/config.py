@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from slidefm.data.config import DataConfig
+from slidefm.registry import omegaconf_schema
 
 
 @dataclass
@@ -107,17 +108,17 @@ def register_configs() -> None:
     # Runs started in the same second must not share a directory.
     OmegaConf.register_new_resolver("slidefm_uid", lambda: uuid.uuid4().hex[:6], use_cache=True, replace=True)
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="train_schema", node=omegaconf_schema(TrainConfig))
     for name, cls in AGGREGATORS.configs().items():
-        cs.store(group="model/aggregator", name=name, node=cls)
+        cs.store(group="model/aggregator", name=name, node=omegaconf_schema(cls))
     for name, cls in CASE_MODELS.configs().items():
-        cs.store(group="model/case", name=name, node=cls)
+        cs.store(group="model/case", name=name, node=omegaconf_schema(cls))
     for name, cls in MODALITY_ENCODERS.configs().items():
         group = "model/report" if name == "text" else "model/expression"
-        cs.store(group=group, name=name, node=cls)
+        cs.store(group=group, name=name, node=omegaconf_schema(cls))
     for name, cls in OBJECTIVES.configs().items():
-        cs.store(group=f"objectives/{name}", name="default", node=cls)
-    cs.store(group="data/views", name="default", node=ViewConfig)
+        cs.store(group=f"objectives/{name}", name="default", node=omegaconf_schema(cls))
+    cs.store(group="data/views", name="default", node=omegaconf_schema(ViewConfig))
     _registered = True
 
 

@@ -121,7 +121,8 @@ def render() -> str:
         out += [f"### `{title}`", "", "| option | type | default | meaning |", "|---|---|---|---|"]
         for o in opts:
             default = o.default if o.default.startswith("(") else f"`{o.default}`"
-            out.append(f"| `{o.key}` | {o.type} | {default} | {o.help.replace('|', chr(92) + '|')} |")
+            cell = [c.replace("|", chr(92) + "|") for c in (o.type, o.help)]  # `int | None` must not split the row
+            out.append(f"| `{o.key}` | {cell[0]} | {default} | {cell[1]} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -9,6 +9,10 @@ class SlidefmError(Exception):
     """An error caused by the user's input or configuration; the CLI prints it and exits 2."""
 
 
+class OptionError(SlidefmError, ValueError):
+    """A config option holds a value outside its allowed set (a ``Literal`` field of its dataclass)."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with the input: which file, which row/slide, and what."""

@@ -1,18 +1,26 @@
-"""Name -> builder registries (timm/open_clip style) for aggregators, encoders, objectives."""
+"""Name -> builder registries (timm/open_clip style) for aggregators, encoders, objectives.
+
+Every registered component takes its config object (torchtitan/open_clip style): ``Builder(cfg, **runtime)``,
+where ``cfg`` is the registered dataclass and ``runtime`` are widths and objects only the calling code knows
+(``in_dim``, ``genes``, the student network). Each option's type, default, allowed values (``Literal``) and
+help therefore exist once, in the dataclass.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal, Union
 
-from slidefm.errors import SlidefmError
+from slidefm.errors import OptionError, SlidefmError
 
 
 class Registry:
-    """Maps a name to a builder and, optionally, the structured-config dataclass that describes it.
+    """Maps a name to a builder and the structured-config dataclass that describes it.
 
-    Builders take keyword arguments named like the config's fields (minus ``name``), so a config
-    ``{"name": "vit", "depth": 6}`` builds ``builder(depth=6, **extra)``.
+    ``build(cfg, **extra)`` turns ``cfg`` (dataclass, DictConfig or dict with ``name``) into the registered
+    dataclass and calls ``builder(cfg, **extra)``; an extra named like a config field sets that field
+    instead (e.g. the model passes a tower's ``out_dim``), so the builder reads every option from ``cfg``.
     """
 
     def __init__(self, kind: str):
@@ -50,11 +58,20 @@ class Registry:
             raise SlidefmError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names()) or '(none)'}")
 
     def build(self, cfg: Any = None, /, **extra: Any) -> Any:
-        """Build from a config (dataclass, DictConfig or dict with ``name``) plus extra kwargs."""
-        kwargs = config_to_dict(cfg)
-        name = kwargs.pop("name")
-        kwargs.update(extra)
-        return self.get(name)(**kwargs)
+        """Build from a config (dataclass, DictConfig or dict with ``name``) plus runtime kwargs."""
+        values = config_to_dict(cfg)
+        name = values.pop("name")
+        cls = self.config_class(name)
+        if cls is None:
+            raise SlidefmError(f"{self.kind} '{name}' has no config dataclass")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise SlidefmError(f"unknown option(s) {', '.join(unknown)} for {self.kind} '{name}'; "
+                               f"known: {', '.join(sorted(fields - {'name'}))}")
+        values.update({k: v for k, v in extra.items() if k in fields})
+        runtime = {k: v for k, v in extra.items() if k not in fields}
+        return self.get(name)(cls(name=name, **values), **runtime)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -70,3 +87,76 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return dict(cfg)
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    """The allowed values of ``Literal[...]`` or ``Optional[Literal[...]]`` (None included), else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) is Union:
+        args = typing.get_args(tp)
+        lits = [a for a in args if typing.get_origin(a) is Literal]
+        if len(lits) == 1 and set(args) - {lits[0]} <= {type(None)}:
+            return typing.get_args(lits[0]) + ((None,) if type(None) in args else ())
+    return None
+
+
+def choices(cls: type) -> dict[str, tuple]:
+    """Field name -> allowed values, for the fields of a config dataclass typed with ``Literal``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        c = _literal_choices(hints[f.name])
+        if c is not None:
+            out[f.name] = c
+    return out
+
+
+def check_choices(cfg: Any, where: str = "") -> None:
+    """OptionError (a ValueError) naming the option and its allowed values when a ``Literal`` field of ``cfg``
+    holds another.
+
+    ``where`` prefixes the option name (e.g. ``"text "``): the message reads like the config key."""
+    for name, allowed in choices(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise OptionError(f"{where}{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+
+
+def omegaconf_schema(cls: type) -> type:
+    """``cls`` with every ``Literal`` field typed as its values' type, for OmegaConf (which has no ``Literal``);
+    nested config dataclasses likewise. ``cls`` itself when it has no such field.
+
+    The allowed values stay declared once, in ``cls``; :func:`check_choices` enforces them at build. The
+    schema is cached on ``cls`` under a name pickle can find (submitit pickles composed configs)."""
+    if "_OmegaConfSchema" in cls.__dict__:
+        return cls.__dict__["_OmegaConfSchema"]
+    hints = typing.get_type_hints(cls)
+    lits = choices(cls)
+    specs, changed = [], False
+    for f in dataclasses.fields(cls):
+        tp, factory = hints[f.name], f.default_factory  # type: ignore[misc]
+        if f.name in lits:
+            base = {type(v) for v in lits[f.name] if v is not None}
+            tp = base.pop() if len(base) == 1 else Any
+            if None in lits[f.name]:
+                tp = typing.Optional[tp]
+            changed = True
+        elif dataclasses.is_dataclass(tp) and omegaconf_schema(tp) is not tp:
+            tp = omegaconf_schema(tp)
+            factory = tp if factory is hints[f.name] else factory
+            changed = True
+        kw: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        elif factory is not dataclasses.MISSING:
+            kw["default_factory"] = factory
+        specs.append((f.name, tp, dataclasses.field(**kw)))
+    schema = cls
+    if changed:
+        schema = dataclasses.make_dataclass(cls.__name__, specs)
+        schema.__module__ = cls.__module__
+        schema.__qualname__ = f"{cls.__qualname__}._OmegaConfSchema"
+        schema.__doc__ = cls.__doc__
+    cls._OmegaConfSchema = schema  # type: ignore[attr-defined]
+    return schema

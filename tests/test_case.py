@@ -14,16 +14,16 @@ def offsets_of(counts):
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return build_case_transformer(CaseConfig(depth=2, heads=2), dim=DIM).eval()
+    return build_case_transformer(CaseConfig(depth=2, heads=2), slide_dim=DIM).eval()
 
 
 def test_build_from_config():
-    m = build_case_transformer(CaseConfig(depth=3, heads=4), dim=DIM)
+    m = build_case_transformer(CaseConfig(depth=3, heads=4), slide_dim=DIM)
     assert isinstance(m, CaseTransformer) and len(m.blocks) == 3 and m.dim == DIM
     assert CASE_MODELS.config_class("transformer") is CaseConfig
     assert build_case_transformer({"name": "transformer", "dim": DIM, "depth": 1}).dim == DIM
     with pytest.raises(SlidefmError, match="does not match"):
-        build_case_transformer(CaseConfig(dim=8), dim=DIM)
+        build_case_transformer(CaseConfig(dim=8), slide_dim=DIM)
     with pytest.raises(SlidefmError, match="needs dim"):
         build_case_transformer(CaseConfig())
 

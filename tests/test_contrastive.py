@@ -45,18 +45,19 @@ def emb():
 
 
 def test_infonce_matches_reference_and_is_symmetric(emb):
-    obj = MultiModalContrastive(pairs=[["slide", "report"]])
+    obj = MultiModalContrastive(ContrastiveConfig(pairs=[["slide", "report"]]))
     out = obj(emb)
     scale = 1 / 0.07
     assert float(out["logit_scale/slide-report"]) == pytest.approx(scale, rel=1e-6)
     assert float(out["loss"].detach()) == pytest.approx(float(ref_infonce(emb["slide"], emb["report"], scale)), rel=1e-5)
     assert out["n/slide-report"] == 6
-    swapped = MultiModalContrastive(pairs=[["report", "slide"]])(emb)
+    swapped = MultiModalContrastive(ContrastiveConfig(pairs=[["report", "slide"]]))(emb)
     assert float(swapped["loss"].detach()) == pytest.approx(float(out["loss"].detach()), rel=1e-6)
 
 
 def test_siglip_matches_reference(emb):
-    obj = MultiModalContrastive(pairs=[["slide", "report"]], kind="siglip", init_logit_scale=math.log(10.0), init_bias=-2.0)
+    obj = MultiModalContrastive(ContrastiveConfig(pairs=[["slide", "report"]], kind="siglip",
+                                                  init_logit_scale=math.log(10.0), init_bias=-2.0))
     out = obj(emb)
     ref = ref_siglip(emb["slide"], emb["report"], 10.0, -2.0)
     assert float(out["loss"].detach()) == pytest.approx(ref, rel=1e-5)
@@ -68,7 +69,7 @@ def test_siglip_matches_reference(emb):
 def test_rows_with_a_missing_modality_are_excluded(emb, kind):
     present = {"report": torch.tensor([True, True, False, True, False, True])}
     keep = present["report"]
-    obj = MultiModalContrastive(pairs=[["slide", "report"]], kind=kind)
+    obj = MultiModalContrastive(ContrastiveConfig(pairs=[["slide", "report"]], kind=kind))
     ref = obj({k: v[keep] for k, v in emb.items()})["loss"]
 
     slide = emb["slide"].clone().requires_grad_(True)
@@ -86,7 +87,7 @@ def test_rows_with_a_missing_modality_are_excluded(emb, kind):
 
 
 def test_logit_scale_is_clamped_and_can_come_back(emb):
-    obj = MultiModalContrastive(pairs=[["slide", "report"]], init_logit_scale=math.log(1000.0))
+    obj = MultiModalContrastive(ContrastiveConfig(pairs=[["slide", "report"]], init_logit_scale=math.log(1000.0)))
     p = obj.log_scales["slide__report"]
     with torch.no_grad():
         p.fill_(math.log(1000.0))
@@ -100,7 +101,7 @@ def test_logit_scale_is_clamped_and_can_come_back(emb):
 
 def test_no_valid_pair_gives_zero_with_graph(emb):
     slide = emb["slide"].clone().requires_grad_(True)
-    obj = MultiModalContrastive(pairs=[["slide", "report"]])
+    obj = MultiModalContrastive(ContrastiveConfig(pairs=[["slide", "report"]]))
     out = obj({"slide": slide, "report": emb["report"]}, {"report": torch.zeros(6, dtype=torch.bool)})
     assert float(out["loss"].detach()) == 0.0 and out["n/slide-report"] == 0
     out["loss"].backward()
@@ -112,12 +113,12 @@ def test_weighted_pairs_shared_scale_and_local_loss_in_one_process(emb):
     g = torch.Generator().manual_seed(1)
     e = dict(emb, expression=torch.randn(6, 8, generator=g))
     pairs = [["slide", "report"], ["slide", "expression"]]
-    obj = MultiModalContrastive(pairs=pairs, pair_weights=[1.0, 0.25], shared_logit_scale=True)
+    obj = MultiModalContrastive(ContrastiveConfig(pairs=pairs, pair_weights=[1.0, 0.25], shared_logit_scale=True))
     assert len(list(obj.parameters())) == 1
     out = obj(e)
     want = ref_infonce(e["slide"], e["report"], 1 / 0.07) + 0.25 * ref_infonce(e["slide"], e["expression"], 1 / 0.07)
     assert float(out["loss"].detach()) == pytest.approx(float(want), rel=1e-5)
-    local = MultiModalContrastive(pairs=pairs, pair_weights=[1.0, 0.25], local_loss=True)(e)
+    local = MultiModalContrastive(ContrastiveConfig(pairs=pairs, pair_weights=[1.0, 0.25], local_loss=True))(e)
     assert float(local["loss"].detach()) == pytest.approx(float(out["loss"].detach()), rel=1e-6)
     with pytest.raises(KeyError, match="contrastive objective needs embeddings for"):
         obj({"slide": e["slide"], "report": e["report"]})
@@ -125,7 +126,7 @@ def test_weighted_pairs_shared_scale_and_local_loss_in_one_process(emb):
 
 def test_registry_builds_from_config(emb):
     cfg = ContrastiveConfig(pairs=[["slide", "report"]], kind="siglip")
-    obj = OBJECTIVES.build(cfg, embed_dim=8)
+    obj = OBJECTIVES.build(cfg)
     assert isinstance(obj, MultiModalContrastive) and obj.kind == "siglip"
     with pytest.raises(ValueError, match="a contrastive pair names two different modalities"):
-        MultiModalContrastive(pairs=[["slide", "slide"]])
+        MultiModalContrastive(ContrastiveConfig(pairs=[["slide", "slide"]]))

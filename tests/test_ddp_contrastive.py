@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from slidefm.objectives import MultiModalContrastive
+from slidefm.objectives import ContrastiveConfig, MultiModalContrastive
 
 PAIRS = [["slide", "report"], ["slide", "expression"]]
 SPLIT = [3, 5]  # unequal local batch sizes
@@ -36,7 +36,7 @@ class Model(nn.Module):
         super().__init__()
         torch.manual_seed(1)
         self.enc = nn.ModuleDict({"slide": nn.Linear(6, 4), "report": nn.Linear(5, 4), "expression": nn.Linear(4, 4)})
-        self.obj = MultiModalContrastive(pairs=PAIRS, pair_weights=[1.0, 0.5], **kw)
+        self.obj = MultiModalContrastive(ContrastiveConfig(pairs=PAIRS, pair_weights=[1.0, 0.5], **kw))
 
     def forward(self, x, present):
         return self.obj({k: self.enc[k](v) for k, v in x.items()}, present)

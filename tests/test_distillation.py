@@ -72,11 +72,11 @@ def small_objective(**kw):
     agg = TinyAggregator()
     args = dict(out_dim=32, hidden_dim=32, bottleneck_dim=8)
     args.update(kw)
-    return agg, MaskedSelfDistillation(agg, **args)
+    return agg, MaskedSelfDistillation(DistillationConfig(**args), student=agg)
 
 
 def test_dino_head_uses_parametrized_weight_norm():
-    head = DINOHead(16, out_dim=32, hidden_dim=32, bottleneck_dim=8)
+    head = DINOHead(DistillationConfig(hidden_dim=32, bottleneck_dim=8), in_dim=16, out_dim=32)
     assert parametrize.is_parametrized(head.last_layer, "weight")
     g = head.last_layer.parametrizations.weight.original0
     assert not g.requires_grad and torch.all(g == 1)
@@ -102,7 +102,7 @@ def test_sinkhorn_without_process_group_is_balanced():
 
 
 def test_dino_centering_update_and_teacher_probs():
-    loss = DINOLoss(5, center_momentum=0.8)
+    loss = DINOLoss(DistillationConfig(center_momentum=0.8), out_dim=5)
     with torch.no_grad():
         loss.center.copy_(torch.arange(5.0)[None])
     t = torch.randn(6, 5)
@@ -117,7 +117,7 @@ def test_dino_loss_cross_view_pairs_exclude_same_view():
     b, ng, nl, k = 3, 2, 2, 7
     sg, sl = torch.randn(b * ng, k), torch.randn(b * nl, k)
     t = torch.randn(b * ng, k).softmax(-1)
-    got = DINOLoss(k, student_temp=0.1)(sg, sl, t, ng)
+    got = DINOLoss(DistillationConfig(student_temp=0.1), out_dim=k)(sg, sl, t, ng)
     terms = []
     for i in range(b):
         for g in range(ng):
@@ -134,7 +134,7 @@ def test_ibot_patch_loss_averages_per_view():
     torch.manual_seed(0)
     s, t = torch.randn(5, 4), torch.randn(5, 4).softmax(-1)
     view = torch.tensor([0, 0, 0, 2, 2])  # view 1 has no masked token
-    got = IBOTPatchLoss(4, student_temp=0.1)(s, t, view, 3)
+    got = IBOTPatchLoss(DistillationConfig(student_temp=0.1), out_dim=4)(s, t, view, 3)
     ce = -(t * F.log_softmax(s / 0.1, -1)).sum(-1)
     torch.testing.assert_close(got, (ce[:3].mean() + ce[3:].mean()) / 2)
 
@@ -259,7 +259,7 @@ def test_expert_distillation_cosine_and_smooth_l1_with_missing_rows():
     other = obj.heads[obj.names.index("prism.v1")].weight
     assert other.grad is not None and other.grad.abs().sum() == 0
 
-    sl = ExpertDistillation(6, {"titan": 4}, loss="smooth_l1", smooth_l1_beta=0.5)
+    sl = ExpertDistillation(ExpertConfig(loss="smooth_l1", smooth_l1_beta=0.5), dim=6, expert_dims={"titan": 4})
     out = sl(z.detach(), {"titan": titan}, {"titan": present})
     pred = sl.heads[0](z.detach())[present]
     tgt = titan[present]

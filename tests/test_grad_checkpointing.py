@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_module
 
 import slidefm.models.blocks as blocks
 from slidefm.data.batch import pack_slides
-from slidefm.models.aggregators.transmil import TransMIL
-from slidefm.models.aggregators.vit import ViTAggregator
-from slidefm.models.case import CaseTransformer
+from slidefm.models.aggregators.transmil import TransMIL, TransMILConfig
+from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
+from slidefm.models.case import CaseConfig, CaseTransformer
 
 IN_DIM = 12
 
@@ -27,15 +27,15 @@ def _slides(lens=(7, 1, 12), seed=0):
 
 
 def _vit():
-    return ViTAggregator(IN_DIM, dim=32, depth=3, heads=4, pos="rope", num_registers=1, drop_path=0.2, peg=3)
+    return ViTAggregator(ViTConfig(dim=32, depth=3, heads=4, pos="rope", num_registers=1, drop_path=0.2, peg=3), in_dim=IN_DIM)
 
 
 def _transmil():
-    return TransMIL(IN_DIM, dim=32, depth=2, heads=4, dropout=0.1, drop_path=0.2)
+    return TransMIL(TransMILConfig(dim=32, depth=2, heads=4, dropout=0.1, drop_path=0.2), in_dim=IN_DIM)
 
 
 def _case():
-    return CaseTransformer(16, depth=3, heads=4, dropout=0.1, drop_path=0.2)
+    return CaseTransformer(CaseConfig(dim=16, depth=3, heads=4, dropout=0.1, drop_path=0.2))
 
 
 def _loss_aggregator(model):

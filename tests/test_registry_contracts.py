@@ -1,8 +1,11 @@
 """Contracts every registered component keeps, enumerated from the registries (a new one cannot escape).
 
-* configs: each registered name has a config dataclass whose ``name`` is that name; every config field is a
-  parameter of the component (read somewhere) and every component option is a config field, with the same
-  default (options are declared in two places today; this keeps them in step);
+* options exist once: each registered name has a config dataclass whose ``name`` is that name, with a help
+  text for every field; the component takes that config object as its first argument and declares no
+  option of its own (no parameter named like a config field, anywhere a config class is in scope: read with
+  ``ast``); every config field is read (``cfg.<field>``, ``self.cfg.<field>``, ``getattr(cfg, "<field>")``) in
+  the component's module, or as ``<component>.cfg.<field>`` by the code that uses it; ``Literal`` choices
+  are enforced at build with an error naming the option and its allowed values;
 * aggregators: packed slides -> (B, dim) slide and (T, dim) token embeddings, packing-invariant, mask-aware,
   differentiable, rebuilt identically from a state dict;
 * case models: (S, d) slides of P patients -> (P, d), invariant to the order of a patient's slides;
@@ -11,73 +14,194 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
+import sys
 import typing
+from pathlib import Path
 
 import pytest
 import torch
 
 from slidefm.data.batch import pack_slides
+from slidefm.data.views import ViewConfig
+from slidefm.errors import OptionError
 from slidefm.modalities import MODALITY_ENCODERS
 from slidefm.models.aggregators import AGGREGATORS, build_aggregator
 from slidefm.models.case import CASE_MODELS, build_case_transformer
 from slidefm.objectives import OBJECTIVES
+from slidefm.registry import choices
 
 REGISTRIES = {"aggregator": AGGREGATORS, "case model": CASE_MODELS, "modality encoder": MODALITY_ENCODERS,
               "objective": OBJECTIVES}
-# Passed by the code that builds the component (widths, the student network, tasks), not configured.
-BUILD_EXTRAS = {"in_dim", "out_dim", "dim", "embed_dim", "student", "tasks", "expert_dims", "genes", "weight"}
 IN_DIM = 12
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = [REPO / "slidefm", REPO / "modalities", REPO / "objectives", REPO / "evals"]
 
 
 def _entries():
     return [(kind, name) for kind, reg in REGISTRIES.items() for name in reg.names()]
 
 
-def _canonical(v):
-    """Defaults that mean the same: tuples and lists alike (YAML has only lists); None and an empty container
-    (the components read ``x or {}``)."""
-    if isinstance(v, (list, tuple)):
-        return [_canonical(x) for x in v] or None
-    if isinstance(v, dict):
-        return {k: _canonical(x) for k, x in v.items()} or None
-    return v
+def _configs() -> dict[str, type]:
+    """Every component config: the registered ones and the views' (consumed by make_views)."""
+    out = {cls.__name__: cls for reg in REGISTRIES.values() for cls in reg.configs().values()}
+    out[ViewConfig.__name__] = ViewConfig
+    return out
 
 
-def _options(fn) -> dict[str, inspect.Parameter]:
-    """Keyword options of a builder; through ``**kwargs`` into the class it returns."""
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    params = dict(inspect.signature(target).parameters)
-    params.pop("self", None)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        ret = typing.get_type_hints(fn).get("return")
-        assert inspect.isclass(ret), f"{fn.__name__} takes **kwargs: annotate the class it returns"
-        params = {k: p for k, p in params.items() if p.kind is not p.VAR_KEYWORD}
-        params.update({k: p for k, p in _options(ret).items() if k not in params})
-    return {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - {"name"}
+
+
+# ------------------------------------------------------------------ options declared once, read somewhere
+
+
+def duplicate_options(tree: ast.Module, configs: dict[str, set[str]]) -> list[str]:
+    """Function parameters with a default that repeat a field of a config class the module defines or
+    imports: ``def f(..., depth=6)`` beside ``ViTConfig.depth`` declares the option a second time."""
+    in_scope: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in configs:
+            in_scope.add(node.name)
+        elif isinstance(node, ast.ImportFrom):
+            in_scope |= {a.name for a in node.names if a.name in configs}
+    fields = {f: c for c in sorted(in_scope) for f in configs[c]}
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = node.args
+        positional = a.posonlyargs + a.args
+        defaulted = positional[len(positional) - len(a.defaults):] if a.defaults else []
+        defaulted += [k for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+        out += [f"line {node.lineno}: {node.name}({p.arg}=...) repeats {fields[p.arg]}.{p.arg}"
+                for p in defaulted if p.arg in fields]
+    return out
+
+
+def read_options(tree: ast.Module, config_names: set[str]) -> tuple[set[str], set[str]]:
+    """(fields read from a config object here, fields read from a component's ``.cfg`` here).
+
+    A read is ``cfg.X``, ``self.cfg.X``, ``<obj>.cfg.X`` (also the second set), ``<ConfigClass>.X`` or
+    ``getattr(cfg, "X")``
+    (also with the name taken from a tuple of string constants the loop runs over)."""
+    def cfg_like(node) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id == "cfg" or node.id in config_names
+        return isinstance(node, ast.Attribute) and node.attr == "cfg"
+
+    local, via_component = set(), set()
+    loops: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and isinstance(node.iter, ast.Tuple):
+            loops[node.target.id] = {e.value for e in node.iter.elts
+                                     if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and cfg_like(node.value):
+            local.add(node.attr)
+            owner = node.value.value if isinstance(node.value, ast.Attribute) else None
+            if owner is not None and not (isinstance(owner, ast.Name) and owner.id == "self"):
+                via_component.add(node.attr)  # a built component's options, read by the code using it
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+              and len(node.args) >= 2 and cfg_like(node.args[0])):
+            key = node.args[1]
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                local.add(key.value)
+            elif isinstance(key, ast.Name):
+                local |= loops.get(key.id, set())
+    return local, via_component
+
+
+def _trees() -> dict[str, ast.Module]:
+    return {str(p.relative_to(REPO)): ast.parse(p.read_text(), str(p))
+            for folder in PACKAGE for p in folder.rglob("*.py")}
+
+
+def test_the_checks_catch_a_planted_duplicate_and_an_unread_option():
+    src = ast.parse(
+        "from x import ViTConfig\n"
+        "class ViT:\n"
+        "    def __init__(self, cfg: ViTConfig, *, in_dim: int, depth: int = 6):\n"
+        "        self.heads = cfg.heads\n"
+        "        n = getattr(self.cfg, 'pool')\n"
+        "def weight(obj):\n"
+        "    return obj.cfg.weight\n")
+    configs = {"ViTConfig": {"depth", "heads", "pool", "peg", "weight"}}
+    assert duplicate_options(src, configs) == ["line 3: __init__(depth=...) repeats ViTConfig.depth"]
+    local, via = read_options(src, set(configs))
+    assert configs["ViTConfig"] - local == {"depth", "peg"} and via == {"weight"}
+    assert duplicate_options(ast.parse("def f(depth=6): pass"), configs) == []  # no config in scope
+
+
+def test_no_option_is_declared_twice():
+    configs = {n: _fields(c) for n, c in _configs().items()}
+    bad = [f"{path}: {d}" for path, tree in _trees().items() for d in duplicate_options(tree, configs)]
+    assert not bad, "options declared beside their config field (take the config object instead):\n" + "\n".join(bad)
+
+
+def _builder_module(reg, name) -> str:
+    return str(Path(sys.modules[reg.get(name).__module__].__file__).resolve().relative_to(REPO))
+
+
+def test_every_option_is_read():
+    trees = _trees()
+    names = set(_configs())
+    reads = {path: read_options(tree, names) for path, tree in trees.items()}
+    anywhere_via_component = set().union(*(via for _, via in reads.values()))
+    homes = {cls: _builder_module(reg, n) for reg in REGISTRIES.values() for n, cls in reg.configs().items()}
+    homes[ViewConfig] = "slidefm/data/views.py"  # make_views(features, positions, cfg, rng)
+    unread = [f"{cls.__name__}.{f} ({home})" for cls, home in homes.items()
+              for f in sorted(_fields(cls) - reads[home][0] - anywhere_via_component)]
+    assert not unread, "config options read nowhere (implement them or remove them):\n" + "\n".join(unread)
 
 
 @pytest.mark.parametrize("kind,name", _entries())
-def test_config_and_component_declare_the_same_options(kind, name):
+def test_component_takes_its_config_object(kind, name):
     reg = REGISTRIES[kind]
     cls = reg.config_class(name)
     assert cls is not None and dataclasses.is_dataclass(cls), f"{kind} '{name}' has no config dataclass"
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    assert fields["name"].default == name
-    params = _options(reg.get(name))
-    unread = sorted(set(fields) - {"name"} - set(params))
-    assert not unread, f"{kind} '{name}': config fields the component never takes: {unread}"
-    unsettable = sorted(k for k, p in params.items()
-                        if p.default is not inspect.Parameter.empty and k not in fields and k not in BUILD_EXTRAS)
-    assert not unsettable, f"{kind} '{name}': options missing from {cls.__name__}: {unsettable}"
-    for k, f in fields.items():
-        if k == "name" or params[k].default is inspect.Parameter.empty:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        p = params[k].default
-        assert _canonical(default) == _canonical(p), \
-            f"{kind} '{name}'.{k}: {cls.__name__} says {default!r}, the component {p!r}"
+    assert next(f for f in dataclasses.fields(cls) if f.name == "name").default == name
+    no_help = sorted(f.name for f in dataclasses.fields(cls) if f.name != "name" and not f.metadata.get("help"))
+    assert not no_help, f"{cls.__name__}: fields without help: {no_help}"
+    builder = reg.get(name)
+    target = builder.__init__ if inspect.isclass(builder) else builder
+    params = [p for p in inspect.signature(target).parameters.values() if p.name != "self"]
+    first, rest = params[0], params[1:]
+    assert typing.get_type_hints(target).get(first.name) is cls, \
+        f"{kind} '{name}': first parameter must be the config ({first.name}: {cls.__name__})"
+    twice = sorted(p.name for p in rest if p.name in _fields(cls))
+    assert not twice, f"{kind} '{name}': options taken beside {cls.__name__}: {twice}"
+    assert all(p.kind is p.KEYWORD_ONLY for p in rest), f"{kind} '{name}': runtime arguments are keyword-only"
+
+
+@pytest.mark.parametrize("kind,name", [(k, n) for k, n in _entries() if choices(REGISTRIES[k].config_class(n))])
+def test_literal_choices_are_enforced_at_build(kind, name, tiny_bert):
+    cls = REGISTRIES[kind].config_class(name)
+    for field, allowed in choices(cls).items():
+        cfg = dataclasses.replace(cls(), **{field: "no-such-choice"})
+        if name == "text":
+            cfg = dataclasses.replace(cfg, model_dir=str(tiny_bert))
+        with pytest.raises(OptionError, match=rf"{field} must be one of .*{allowed[0]!r}.*got 'no-such-choice'"):
+            _build(kind, name, cfg)
+
+
+def _build(kind, name, cfg):
+    """Build one component from ``cfg`` with the runtime arguments its caller would pass."""
+    if kind == "aggregator":
+        return build_aggregator(cfg, in_dim=IN_DIM)
+    if kind == "case model":
+        return build_case_transformer(cfg, slide_dim=16)
+    if kind == "modality encoder":
+        extra = {} if name == "text" else {"in_dim": len(GENES), "genes": GENES} if name == "geneset_transformer" \
+            else {"in_dim": len(GENES)}
+        return MODALITY_ENCODERS.build(cfg, **extra)
+    extra = {"distillation": lambda: {"student": build_aggregator(AGGREGATORS.config_class("mean")(), in_dim=IN_DIM)},
+             "supervised": lambda: {"dim": 8,
+                                    "tasks": [{"name": "t", "kind": "classification", "classes": ["a", "b"]}]},
+             "expert": lambda: {"dim": 8, "expert_dims": {"e": 4}}}.get(name, dict)()
+    return OBJECTIVES.build(cfg, **extra)
 
 
 def _slides(lens=(7, 1, 12), seed=0, mask=False):
@@ -138,7 +262,7 @@ def test_aggregator_mask_gradients_and_state(aggregator):
 def test_case_model_contract(name):
     torch.manual_seed(0)
     cfg = CASE_MODELS.config_class(name)(heads=2)
-    case = build_case_transformer(cfg, dim=16).eval()
+    case = build_case_transformer(cfg, slide_dim=16).eval()
     emb = torch.randn(6, 16)
     offsets = torch.tensor([0, 2, 3, 6])
     with torch.no_grad():
@@ -192,7 +316,7 @@ def _objective_case(name):
     cfg = OBJECTIVES.config_class(name)()
     torch.manual_seed(0)
     if name == "contrastive":
-        obj = OBJECTIVES.build(cfg, embed_dim=8)
+        obj = OBJECTIVES.build(cfg)
         pairs = [tuple(p) for p in obj.pairs]
         mods = sorted({m for p in pairs for m in p})
         emb = {m: torch.randn(6, 8, requires_grad=True) for m in mods}

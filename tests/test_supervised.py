@@ -93,7 +93,7 @@ def test_classification_matches_torch_with_smoothing_and_balanced_weights():
     torch.testing.assert_close(w, torch.tensor(ref_w, dtype=torch.float32))
 
     torch.manual_seed(0)
-    obj = MultiTaskLoss(4, _tasks()[:1], label_smoothing=0.2)
+    obj = MultiTaskLoss(SupervisedConfig(label_smoothing=0.2), dim=4, tasks=_tasks()[:1])
     obj.fit({"subtype": train})
     z = torch.randn(5, 4)
     y = torch.tensor([2, -1, 0, 1, -1])
@@ -117,7 +117,7 @@ def test_classification_matches_torch_with_smoothing_and_balanced_weights():
 
 def test_multitask_missing_labels_and_unfitted():
     torch.manual_seed(0)
-    obj = MultiTaskLoss(4, _tasks(), n_bins=2, task_weights={"os": 0.5})
+    obj = MultiTaskLoss(SupervisedConfig(n_bins=2, task_weights={"os": 0.5}), dim=4, tasks=_tasks())
     with pytest.raises(RuntimeError, match=r"MultiTaskLoss\.fit\(train_labels\) must run before training"):
         obj(torch.randn(3, 4), {"subtype": torch.tensor([0, 1, 2])})
     obj.fit({"subtype": torch.tensor([0, 1, 2, 2]), "os/time": torch.tensor([1.0, 2.0, 3.0, float("nan")]),
@@ -137,7 +137,7 @@ def test_multitask_missing_labels_and_unfitted():
     pred = obj.predict(z.detach())
     assert pred["subtype"].shape == (3, 3) and pred["os"].shape == (3,)
     # checkpoints carry fitted weights and bins
-    fresh = MultiTaskLoss(4, _tasks(), n_bins=2)
+    fresh = MultiTaskLoss(SupervisedConfig(n_bins=2), dim=4, tasks=_tasks())
     fresh.load_state_dict(obj.state_dict())
     assert fresh.survival[1].cuts.tolist() == [1.5] and bool(fresh.class_weights_fitted_0)
 

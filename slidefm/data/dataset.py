@@ -33,9 +33,10 @@ def select_tokens(n: int, positions: np.ndarray, cfg: DataConfig, rng: np.random
             return None
         return np.sort(rng.choice(n, cfg.max_tokens, replace=False))
     if cfg.tokens == "crop":
-        from slidefm.data.views import random_crop
+        from slidefm.data.views import ViewConfig, random_crop
 
-        return random_crop(positions, cfg.crop_size, rng)
+        # crop windows follow the views' tissue rule (data.views.min_tissue's default)
+        return random_crop(positions, cfg.crop_size, rng, ViewConfig.min_tissue)
     raise ValueError(f"unknown data.tokens '{cfg.tokens}' (whole | subsample | crop)")
 
 

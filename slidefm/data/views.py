@@ -86,7 +86,7 @@ def region_crop(
     positions: np.ndarray,
     size: int,
     rng: np.random.Generator,
-    min_tissue: float = 0.25,
+    min_tissue: float,
     n: int = 1,
     counts: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -118,9 +118,7 @@ def region_crop(
     return out
 
 
-def random_crop(
-    positions: np.ndarray, size: int, rng: np.random.Generator, min_tissue: float = 0.25
-) -> np.ndarray:
+def random_crop(positions: np.ndarray, size: int, rng: np.random.Generator, min_tissue: float) -> np.ndarray:
     """Token indices of one :func:`region_crop` (the ``crop`` token strategy of the slide branch)."""
     return region_crop(positions, size, rng, min_tissue, n=1)[0][0]
 
@@ -128,8 +126,8 @@ def random_crop(
 def block_mask(
     positions: np.ndarray,
     rng: np.random.Generator,
-    ratio: tuple[float, float] | float = (0.1, 0.5),
-    min_block: int = 4,
+    ratio: tuple[float, float] | float,
+    min_block: int,
     aspect: tuple[float, float] = (0.3, 1 / 0.3),
 ) -> np.ndarray:
     """iBOT-style blockwise mask over a slide's tokens: boolean (N,), True = masked.
@@ -237,9 +235,7 @@ def _orthonormal(v: np.ndarray) -> np.ndarray:
     return out
 
 
-def stain_jitter(
-    features: np.ndarray, strength: float, rng: np.random.Generator, n_dirs: int = 8
-) -> np.ndarray:
+def stain_jitter(features: np.ndarray, strength: float, rng: np.random.Generator, n_dirs: int) -> np.ndarray:
     """Per-view random affine map in feature space, the same for every token of the view.
 
     Stain and scanner shifts move a whole slide's patch embeddings coherently, so ``n_dirs`` random

@@ -6,7 +6,7 @@ Slides of P patients arrive packed: ``emb`` (S, d) with patient i owning
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from slidefm.errors import SlidefmError
 from slidefm.models.segments import segment_index, segment_max, segment_mean
 from slidefm.models.blocks import Block, set_grad_checkpointing
-from slidefm.registry import Registry
+from slidefm.registry import Registry, config_to_dict
 
 __all__ = ["CASE_MODELS", "CaseConfig", "CaseTransformer", "build_case_transformer", "pool_slides"]
 
@@ -39,12 +39,13 @@ def pool_slides(emb: Tensor, offsets: Tensor, how: str = "mean") -> Tensor:
 @dataclass
 class CaseConfig:
     name: str = "transformer"
-    dim: int | None = None  # width of the slide embeddings; None: taken from the aggregator at build
-    depth: int = 3
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1  # on the input slide embeddings
-    drop_path: float = 0.0
+    dim: int | None = field(default=None, metadata={
+        "help": "width of the slide embeddings; None: the aggregator's output width"})
+    depth: int = field(default=3, metadata={"help": "transformer blocks"})
+    heads: int = field(default=8, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width as a multiple of dim"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the input slide embeddings"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic-depth rate of every block"})
 
 
 @CASE_MODELS.register("transformer", config=CaseConfig)
@@ -53,24 +54,20 @@ class CaseTransformer(nn.Module):
 
     No positional encoding of any kind (not even a slide index), so self-attention is
     permutation-equivariant over the slides and the [CASE] output is invariant to their order.
-    ``forward(emb (S, d), offsets (P+1,)) -> (P, d)``.
+    ``forward(emb (S, d), offsets (P+1,)) -> (P, d)``; ``cfg.dim`` is set (see :func:`build_case_transformer`).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        depth: int = 3,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.1,
-        drop_path: float = 0.0,
-    ):
+    def __init__(self, cfg: CaseConfig):
         super().__init__()
+        if cfg.dim is None:
+            raise SlidefmError("case transformer needs dim (the slide embedding width)")
+        self.cfg = cfg
+        dim = int(cfg.dim)
         self.dim = dim
         self.case_token = nn.Parameter(torch.zeros(dim))
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, pos="none", drop_path=drop_path) for _ in range(depth)
+            Block(dim, cfg.heads, cfg.mlp_ratio, pos="none", drop_path=cfg.drop_path) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(dim)
         for m in self.modules():
@@ -98,16 +95,14 @@ class CaseTransformer(nn.Module):
         return self.norm(seq[case_idx])
 
 
-def build_case_transformer(cfg, dim: int | None = None) -> nn.Module:
-    """Build from a :class:`CaseConfig` (or dict/DictConfig with ``name``); ``dim`` = slide embedding width."""
-    from slidefm.registry import config_to_dict
-
+def build_case_transformer(cfg, slide_dim: int | None = None) -> nn.Module:
+    """Build from a :class:`CaseConfig` (or dict/DictConfig with ``name``) for slide embeddings of width
+    ``slide_dim`` (the aggregator's ``dim``), which must agree with ``cfg.dim`` when both are set."""
     kw = config_to_dict(cfg)
     want = kw.pop("dim", None)
-    if dim is None:
-        dim = want
-    elif want is not None and int(want) != int(dim):
-        raise SlidefmError(f"case transformer dim {want} does not match the slide embedding width {dim}")
+    dim = want if slide_dim is None else slide_dim
+    if slide_dim is not None and want is not None and int(want) != int(slide_dim):
+        raise SlidefmError(f"case transformer dim {want} does not match the slide embedding width {slide_dim}")
     if dim is None:
         raise SlidefmError("case transformer needs dim (the slide embedding width)")
     return CASE_MODELS.build(kw, dim=int(dim))

@@ -41,7 +41,7 @@ class SlideFM(nn.Module):
         if cfg.case is not None:
             from slidefm.models.case import build_case_transformer
 
-            self.case = build_case_transformer(cfg.case, dim=d)
+            self.case = build_case_transformer(cfg.case, slide_dim=d)
         self.slide_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.embed_dim))
         self.towers = nn.ModuleDict()
         self.text_precomputed = text_precomputed

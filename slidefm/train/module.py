@@ -35,7 +35,7 @@ class SlideFMModule(pl.LightningModule):
         from slidefm.objectives import OBJECTIVES
 
         obj = cfg.objectives
-        self.contrastive = OBJECTIVES.build(obj.contrastive, embed_dim=self.model.embed_dim) if obj.contrastive else None
+        self.contrastive = OBJECTIVES.build(obj.contrastive) if obj.contrastive else None
         self.distillation = (
             OBJECTIVES.build(obj.distillation, student=self.model.aggregator) if obj.distillation else None
         )
@@ -55,8 +55,8 @@ class SlideFMModule(pl.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def _weight(self, name: str) -> float:
-        c = getattr(self.cfg.objectives, name)
-        return float(c.get("weight", 1.0)) if c is not None else 0.0
+        obj = getattr(self, name)
+        return float(obj.cfg.weight) if obj is not None else 0.0
 
     def _losses(self, batch: Batch, train: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
         terms: dict[str, torch.Tensor] = {}

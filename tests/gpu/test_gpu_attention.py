@@ -157,7 +157,7 @@ def test_auto_picks_a_fused_kernel_on_cuda():
 def test_vit_block_backends_agree_on_cuda():
     """A whole ViT (RoPE and ALiBi) gives the same slide embeddings with every backend that can run it."""
     from slidefm.data.batch import pack_slides
-    from slidefm.models.aggregators.vit import ViTAggregator
+    from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
 
     g = torch.Generator().manual_seed(0)
     lens = [50, 333, 7]
@@ -168,14 +168,15 @@ def test_vit_block_backends_agree_on_cuda():
     x = pack_slides(feats, pos).to("cuda")
     for pe in ("rope", "alibi"):
         torch.manual_seed(0)
-        ref_model = ViTAggregator(48, dim=64, depth=2, heads=4, pos=pe, backend="sdpa" if pe == "rope" else "alibi_chunked")
+        ref_model = ViTAggregator(ViTConfig(dim=64, depth=2, heads=4, pos=pe, backend="sdpa" if pe == "rope" else "alibi_chunked"),
+                                  in_dim=48)
         ref_model = ref_model.cuda().eval()
         with torch.no_grad():
             ref = ref_model(x).slide
         for backend in BACKENDS:
             if backend_unavailable_reason(backend, "cuda", torch.float32, alibi=pe == "alibi") is not None:
                 continue
-            m = ViTAggregator(48, dim=64, depth=2, heads=4, pos=pe, backend=backend).cuda().eval()
+            m = ViTAggregator(ViTConfig(dim=64, depth=2, heads=4, pos=pe, backend=backend), in_dim=48).cuda().eval()
             m.load_state_dict(ref_model.state_dict())
             with torch.no_grad():
                 out = m(x).slide

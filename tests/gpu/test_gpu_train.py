@@ -136,14 +136,14 @@ def test_grad_checkpointing_step_matches(recipe, cohort, tiny_text_dir, tmp_path
 def test_grad_checkpointing_saves_memory_and_keeps_gradients():
     """ViT 384 x 6 on one 8k-token slide, bf16 autocast: checkpointing cuts peak memory, same gradients."""
     from slidefm.data.batch import pack_slides
-    from slidefm.models.aggregators.vit import ViTAggregator
+    from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
 
     n, side = 8192, 91
     g = torch.Generator().manual_seed(0)
     cells = torch.randperm(side * side, generator=g)[:n]
     x = pack_slides([torch.randn(n, 256, generator=g)], [torch.stack([cells % side, cells // side], 1)]).to("cuda")
     torch.manual_seed(0)
-    model = ViTAggregator(256, dim=384, depth=6, heads=6, pos="rope").cuda().train()
+    model = ViTAggregator(ViTConfig(dim=384, depth=6, heads=6, pos="rope"), in_dim=256).cuda().train()
     if not hasattr(model, "set_grad_checkpointing"):
         pytest.skip("ViTAggregator has no set_grad_checkpointing")
     out = {}

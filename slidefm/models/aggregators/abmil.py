@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
@@ -18,11 +18,11 @@ __all__ = ["ABMILConfig", "GatedABMIL"]
 @dataclass
 class ABMILConfig:
     name: str = "abmil"
-    dim: int = 1024  # output width (Threads: 1024)
-    hidden: int = 512  # width of the input MLP
-    attn_dim: int = 256  # width of each head's gated attention branch
-    heads: int = 4
-    dropout: float = 0.25
+    dim: int = field(default=1024, metadata={"help": "output width (Threads: 1024)"})
+    hidden: int = field(default=512, metadata={"help": "width of the input MLP"})
+    attn_dim: int = field(default=256, metadata={"help": "width of each head's gated attention branch"})
+    heads: int = field(default=4, metadata={"help": "attention heads, each pooling the slide with its own weights"})
+    dropout: float = field(default=0.25, metadata={"help": "dropout after the input MLP, on the gates and the pooled vector"})
 
 
 @AGGREGATORS.register("abmil", config=ABMILConfig)
@@ -35,10 +35,12 @@ class GatedABMIL(Aggregator):
     slide embedding's space: with identical head weights the slide is their attention-weighted mean.
     """
 
-    def __init__(
-        self, in_dim: int, dim: int = 1024, hidden: int = 512, attn_dim: int = 256, heads: int = 4, dropout: float = 0.25
-    ):
+    uses_positions = False
+
+    def __init__(self, cfg: ABMILConfig, *, in_dim: int):
         super().__init__()
+        self.cfg = cfg
+        dim, hidden, attn_dim, heads, dropout = cfg.dim, cfg.hidden, cfg.attn_dim, cfg.heads, cfg.dropout
         self.in_dim, self.dim, self.heads, self.hidden = in_dim, dim, heads, hidden
         self.inp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout))
         self.mask_token = nn.Parameter(torch.zeros(hidden))

@@ -21,13 +21,17 @@ class AggregatorOutput:
 class Aggregator(nn.Module):
     """Packed slides in, slide and token embeddings out.
 
-    Subclasses set ``in_dim`` (patch-feature width D) and ``dim`` (output width), and honour
-    ``x.token_mask`` by replacing masked tokens with a learned mask embedding after the input
-    projection (masked self-distillation); aggregators without token mixing may ignore it.
+    Subclasses take their registered config dataclass and the patch-feature width:
+    ``__init__(self, cfg, *, in_dim)``; they set ``in_dim`` (patch-feature width D) and ``dim`` (output
+    width), and honour ``x.token_mask`` by replacing masked tokens with a learned mask embedding after
+    the input projection (masked self-distillation); aggregators without token mixing may ignore it.
+    ``uses_positions`` says whether ``x.positions`` matter (features-only cohorts have none):
+    it defaults to True, since refusing such a cohort is safer than feeding it zeros.
     """
 
     in_dim: int
     dim: int
+    uses_positions: bool = True
 
     def forward(self, x: PackedSlides) -> AggregatorOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
@@ -18,7 +18,8 @@ __all__ = ["MeanConfig", "MeanPool"]
 @dataclass
 class MeanConfig:
     name: str = "mean"
-    dim: int | None = None  # None: no projection, dim = in_dim
+    dim: int | None = field(default=None, metadata={
+        "help": "width of a linear projection before pooling; None: no projection (the patch-feature width)"})
 
 
 @AGGREGATORS.register("mean", config=MeanConfig)
@@ -29,11 +30,14 @@ class MeanPool(Aggregator):
     aggregator, so a masked view pools the mask embedding in their place.
     """
 
-    def __init__(self, in_dim: int, dim: int | None = None):
+    uses_positions = False
+
+    def __init__(self, cfg: MeanConfig, *, in_dim: int):
         super().__init__()
+        self.cfg = cfg
         self.in_dim = in_dim
-        self.dim = in_dim if dim is None else dim
-        self.proj = nn.Identity() if dim is None else nn.Linear(in_dim, dim)
+        self.dim = in_dim if cfg.dim is None else cfg.dim
+        self.proj = nn.Identity() if cfg.dim is None else nn.Linear(in_dim, cfg.dim)
         self.mask_token = nn.Parameter(torch.zeros(self.dim))
         trunc_normal_(self.mask_token, std=0.02)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from timm.layers import trunc_normal_
@@ -11,6 +12,7 @@ from torch import nn
 from slidefm.data.batch import PackedSlides
 from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorOutput
 from slidefm.models.blocks import Block, CrossAttentionBlock
+from slidefm.registry import check_choices
 
 __all__ = ["PerceiverConfig", "PerceiverAggregator"]
 
@@ -18,15 +20,16 @@ __all__ = ["PerceiverConfig", "PerceiverAggregator"]
 @dataclass
 class PerceiverConfig:
     name: str = "perceiver"
-    dim: int = 512
-    n_latents: int = 64  # PRISM: 512
-    heads: int = 8
-    n_cross: int = 1  # cross-attention blocks (latents <- tokens)
-    depth: int = 2  # latent self-attention blocks
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    pool: str = "mean"  # slide embedding: "mean" of the latents or the "first" latent
-    backend: str = "auto"
+    dim: int = field(default=512, metadata={"help": "latent and output width"})
+    n_latents: int = field(default=64, metadata={"help": "learned latents per slide (PRISM: 512)"})
+    heads: int = field(default=8, metadata={"help": "attention heads"})
+    n_cross: int = field(default=1, metadata={"help": "cross-attention blocks (latents <- tokens), >= 1"})
+    depth: int = field(default=2, metadata={"help": "latent self-attention blocks"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width as a multiple of dim"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic-depth rate of every block"})
+    pool: Literal["mean", "first"] = field(default="mean", metadata={
+        "help": "slide embedding: the mean of the final latents, or the first latent"})
+    backend: str = field(default="auto", metadata={"help": "attention backend (slidefm.models.attention)"})
 
 
 @AGGREGATORS.register("perceiver", config=PerceiverConfig)
@@ -40,34 +43,26 @@ class PerceiverAggregator(Aggregator):
     Every slide needs at least one token.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        dim: int = 512,
-        n_latents: int = 64,
-        heads: int = 8,
-        n_cross: int = 1,
-        depth: int = 2,
-        mlp_ratio: float = 4.0,
-        drop_path: float = 0.0,
-        pool: str = "mean",
-        backend: str = "auto",
-    ):
+    uses_positions = False
+
+    def __init__(self, cfg: PerceiverConfig, *, in_dim: int):
         super().__init__()
-        if pool not in ("mean", "first"):
-            raise ValueError(f"pool must be 'mean' or 'first', got '{pool}'")
-        if n_cross < 1:
-            raise ValueError(f"n_cross must be >= 1, got {n_cross}")
-        self.in_dim, self.dim, self.n_latents, self.pool = in_dim, dim, n_latents, pool
+        check_choices(cfg)
+        if cfg.n_cross < 1:
+            raise ValueError(f"n_cross must be >= 1, got {cfg.n_cross}")
+        self.cfg = cfg
+        dim, heads, mlp_ratio, drop_path, backend = cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.drop_path, cfg.backend
+        n_latents = cfg.n_latents
+        self.in_dim, self.dim, self.n_latents, self.pool = in_dim, dim, n_latents, cfg.pool
         self.proj = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.latents = nn.Parameter(torch.zeros(n_latents, dim))
         self.cross = nn.ModuleList(
             CrossAttentionBlock(dim, heads, mlp_ratio=mlp_ratio, drop_path=drop_path, backend=backend)
-            for _ in range(n_cross)
+            for _ in range(cfg.n_cross)
         )
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, pos="none", drop_path=drop_path, backend=backend) for _ in range(depth)
+            Block(dim, heads, mlp_ratio, pos="none", drop_path=drop_path, backend=backend) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(dim)
         for m in self.modules():

@@ -8,7 +8,8 @@ dense zero-filled grid would be, but only tissue cells are computed, via a neigh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorO
 from slidefm.models.segments import segment_index
 from slidefm.models.blocks import Block, set_grad_checkpointing
 from slidefm.models.grid_conv import grid_neighbours, sparse_depthwise_conv
+from slidefm.registry import check_choices
 
 __all__ = ["PPEG", "TransMIL", "TransMILConfig", "grid_neighbours", "sparse_depthwise_conv"]
 
@@ -61,14 +63,15 @@ def _init_linear(m: nn.Module) -> None:
 @dataclass
 class TransMILConfig:
     name: str = "transmil"
-    dim: int = 512
-    depth: int = 2  # transformer layers; PPEG runs after the first
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0  # after the input projection
-    drop_path: float = 0.0
-    pos: str = "none"  # attention position term on top of PPEG: "none" | "rope" | "alibi"
-    backend: str = "auto"
+    dim: int = field(default=512, metadata={"help": "token width"})
+    depth: int = field(default=2, metadata={"help": "transformer layers, >= 1; PPEG runs after the first"})
+    heads: int = field(default=8, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width as a multiple of dim"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout after the input projection"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic-depth rate of every layer"})
+    pos: Literal["none", "rope", "alibi"] = field(default="none", metadata={
+        "help": "attention position term on top of PPEG: none, 2-D RoPE or 2-D ALiBi on grid cells"})
+    backend: str = field(default="auto", metadata={"help": "attention backend (slidefm.models.attention)"})
 
 
 @AGGREGATORS.register("transmil", config=TransMILConfig)
@@ -80,27 +83,20 @@ class TransMIL(Aggregator):
     whole slide does not.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        dim: int = 512,
-        depth: int = 2,
-        heads: int = 8,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        drop_path: float = 0.0,
-        pos: str = "none",
-        backend: str = "auto",
-    ):
+    def __init__(self, cfg: TransMILConfig, *, in_dim: int):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        check_choices(cfg)
+        if cfg.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {cfg.depth}")
+        self.cfg = cfg
+        dim = cfg.dim
         self.in_dim, self.dim = in_dim, dim
-        self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(cfg.dropout))
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.cls_token = nn.Parameter(torch.zeros(dim))
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, pos=pos, drop_path=drop_path, backend=backend) for _ in range(depth)
+            Block(dim, cfg.heads, cfg.mlp_ratio, pos=cfg.pos, drop_path=cfg.drop_path, backend=cfg.backend)
+            for _ in range(cfg.depth)
         )
         self.ppeg = PPEG(dim)
         self.norm = nn.LayerNorm(dim)

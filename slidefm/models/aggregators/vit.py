@@ -9,6 +9,7 @@ encoding on the true grid before the blocks (``peg``), pre-norm blocks, final La
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 from timm.layers import trunc_normal_
@@ -19,24 +20,30 @@ from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorO
 from slidefm.models.blocks import Block
 from slidefm.models.grid_conv import GridPEG
 from slidefm.models.segments import segment_softmax, segment_sum
+from slidefm.registry import check_choices
 
 
 @dataclass
 class ViTConfig:
     name: str = "vit"
-    dim: int = 384
-    depth: int = 6
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    pos: str = "rope"  # "rope" | "alibi"
-    num_registers: int = 0
-    drop_path: float = 0.0  # max stochastic-depth rate (linear over depth), drawn per slide
-    layerscale: float | None = None
-    backend: str = "auto"  # attention backend, see slidefm.models.attention
-    grad_checkpointing: bool = False
-    pool: str = field(default="cls", metadata={
-        "help": "slide readout: cls | mean (mean of patch-token outputs) | mean_attn (that mean plus a multi-head "
-                "gated-attention pool over the token outputs, so a small focus is not averaged away)"})
+    dim: int = field(default=384, metadata={"help": "token width"})
+    depth: int = field(default=6, metadata={"help": "transformer blocks"})
+    heads: int = field(default=6, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width as a multiple of dim"})
+    pos: Literal["rope", "alibi"] = field(default="rope", metadata={
+        "help": "relative position term of attention on grid cells: 2-D RoPE (signed offsets) or 2-D ALiBi "
+                "(distance only)"})
+    num_registers: int = field(default=0, metadata={"help": "register tokens per slide beside the CLS"})
+    drop_path: float = field(default=0.0, metadata={
+        "help": "max stochastic-depth rate (linear over depth), drawn per slide"})
+    layerscale: Optional[float] = field(default=None, metadata={
+        "help": "initial LayerScale of every residual branch; None: no LayerScale"})
+    backend: str = field(default="auto", metadata={"help": "attention backend (slidefm.models.attention)"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute block activations in backward (trainer.grad_checkpointing turns it on for every model)"})
+    pool: Literal["cls", "mean", "mean_attn"] = field(default="cls", metadata={
+        "help": "slide readout: the CLS output, the mean of the patch-token outputs, or that mean plus a "
+                "multi-head gated-attention pool over the token outputs (so a small focus is not averaged away)"})
     readout_heads: int = field(default=4, metadata={"help": "attention heads of the mean_attn readout (divide dim)"})
     peg: int = field(default=0, metadata={
         "help": "kernel of a depthwise-conv position encoding on the slide grid before the blocks (0: off; 3, 5, ..)"})
@@ -44,29 +51,25 @@ class ViTConfig:
 
 @AGGREGATORS.register("vit", config=ViTConfig)
 class ViTAggregator(Aggregator):
-    def __init__(self, in_dim: int, dim: int = 384, depth: int = 6, heads: int = 6, mlp_ratio: float = 4.0,
-                 pos: str = "rope", num_registers: int = 0, drop_path: float = 0.0, layerscale: float | None = None,
-                 backend: str = "auto", grad_checkpointing: bool = False, pool: str = "cls", peg: int = 0,
-                 readout_heads: int = 4):
+    def __init__(self, cfg: ViTConfig, *, in_dim: int):
         super().__init__()
-        if pos not in ("rope", "alibi"):
-            raise ValueError(f"pos must be 'rope' or 'alibi', got '{pos}'")
-        if pool not in ("cls", "mean", "mean_attn"):
-            raise ValueError(f"pool must be 'cls', 'mean' or 'mean_attn', got '{pool}'")
-        self.in_dim, self.dim, self.pool, self.num_prefix = in_dim, dim, pool, 1 + num_registers
+        check_choices(cfg)
+        self.cfg = cfg
+        dim, depth, drop_path, num_registers = cfg.dim, cfg.depth, cfg.drop_path, cfg.num_registers
+        self.in_dim, self.dim, self.pool, self.num_prefix = in_dim, dim, cfg.pool, 1 + num_registers
         self.proj = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.peg = GridPEG(dim, peg) if peg else None
+        self.peg = GridPEG(dim, cfg.peg) if cfg.peg else None
         self.cls_token = nn.Parameter(torch.zeros(1, dim))
         self.registers = nn.Parameter(torch.zeros(num_registers, dim))
         rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path] * depth
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, pos=pos, drop_path=r, layerscale=layerscale, backend=backend,
-                  grad_checkpointing=grad_checkpointing)
+            Block(dim, cfg.heads, cfg.mlp_ratio, pos=cfg.pos, drop_path=r, layerscale=cfg.layerscale,
+                  backend=cfg.backend, grad_checkpointing=cfg.grad_checkpointing)
             for r in rates
         )
         self.norm = nn.LayerNorm(dim)
-        self.readout = AttentionReadout(dim, readout_heads) if pool == "mean_attn" else None
+        self.readout = AttentionReadout(dim, cfg.readout_heads) if cfg.pool == "mean_attn" else None
         self.apply(self._init_weights)
         for p in (self.mask_token, self.cls_token, self.registers):
             trunc_normal_(p, std=0.02)
@@ -127,7 +130,7 @@ class AttentionReadout(nn.Module):
     head h pools channel block h). Added to the mean of the tokens: the mean keeps the slide's overall
     state, attention lets a few tokens (a 2% focus) dominate some channels instead of being averaged away."""
 
-    def __init__(self, dim: int, heads: int = 4):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         if heads < 1 or dim % heads:
             raise ValueError(f"readout_heads={heads} must divide dim={dim}")
