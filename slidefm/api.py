@@ -79,7 +79,7 @@ class Encoder:
         if f.ndim != 2 or f.shape[1] != self.in_dim:
             raise SlidefmError(f"features must be (N, {self.in_dim}), got {tuple(f.shape)}")
         if coords is None:
-            from slidefm.data.positions import position_options
+            from slidefm.models.positions import position_options
 
             need = position_options(self.config, training=False)
             if need:

@@ -60,7 +60,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
                           fingerprint: str, want_tokens: bool = False):
     """Encode slides in resumable chunks; returns (S, d) embeddings and optional per-slide token arrays."""
     if hasattr(cohort, "slides_without_positions"):
-        from slidefm.data.positions import require_positions
+        from slidefm.models.positions import require_positions
 
         require_positions(encoder.config, cohort, training=False)  # features-only bags: before any work
     chunks = [slide_ids[i : i + cfg.chunk_slides] for i in range(0, len(slide_ids), cfg.chunk_slides)]

@@ -369,7 +369,7 @@ def test_mixed_cohort_rules(tmp_path, capsys):
 
 
 def test_position_options_refuse_features_only(tmp_path):
-    from slidefm.data.positions import position_options, require_positions
+    from slidefm.models.positions import position_options, require_positions
     from slidefm.export import ExportConfig, encode_slides_chunked
 
     rng = np.random.default_rng(14)

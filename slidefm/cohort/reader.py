@@ -46,7 +46,7 @@ class SlideData:
 
     A features-only bag (a .pt file, or HDF5 without ``coords``) has ``has_positions=False`` and
     all-zero ``coords``/``positions``, ``step`` 0: only position-free models may use it (the
-    training and export pre-flight checks refuse the others, see slidefm.data.positions).
+    training and export pre-flight checks refuse the others, see slidefm.models.positions).
     """
 
     slide_id: str

@@ -24,7 +24,7 @@ class PackedSlides:
     token_mask: Tensor | None = None  # (T,) bool, True = masked
     slide_ids: list[str] = field(default_factory=list)
     # False when a slide of the batch is a features-only bag: its positions are zeros, meaningless.
-    # Configs that read positions refuse such cohorts up front (slidefm.data.positions).
+    # Configs that read positions refuse such cohorts up front (slidefm.models.positions).
     has_positions: bool = True
 
     @property

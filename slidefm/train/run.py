@@ -63,7 +63,7 @@ def build_everything(cfg: DictConfig):
         raise CohortError(errors)
     for p in problems:
         log.warning(str(p))
-    from slidefm.data.positions import require_positions
+    from slidefm.models.positions import require_positions
 
     require_positions(cfg, cohort)  # features-only bags: refuse position-needing options in one line
     from slidefm.train.modality_check import fit_to_cohort

@@ -32,6 +32,7 @@ class Aggregator(nn.Module):
     in_dim: int
     dim: int
     uses_positions: bool = True
+    positions_for: str | None = None  # what reads them, for the refusal message
 
     def forward(self, x: PackedSlides) -> AggregatorOutput:  # pragma: no cover - interface
         raise NotImplementedError

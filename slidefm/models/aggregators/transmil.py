@@ -83,6 +83,8 @@ class TransMIL(Aggregator):
     whole slide does not.
     """
 
+    positions_for = "PPEG on the grid"
+
     def __init__(self, cfg: TransMILConfig, *, in_dim: int):
         super().__init__()
         check_choices(cfg)

@@ -51,6 +51,8 @@ class ViTConfig:
 
 @AGGREGATORS.register("vit", config=ViTConfig)
 class ViTAggregator(Aggregator):
+    positions_for = "2-D RoPE/ALiBi and grid PEG"
+
     def __init__(self, cfg: ViTConfig, *, in_dim: int):
         super().__init__()
         check_choices(cfg)

@@ -6,6 +6,9 @@ grid positions. Through the data pipeline their positions are zeros and ``SlideD
 model) never look at them. Everything that does (the ViT's RoPE/ALiBi and grid PEG, TransMIL's
 PPEG, grid crops and block masks) is refused here, before any work starts, with one line naming
 the option and the first slide without coordinates.
+
+It lives with the models because the aggregator classes say whether they read positions
+(``Aggregator.uses_positions``); the data options it names are read from the config, not imported.
 """
 
 from __future__ import annotations
@@ -13,11 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from slidefm.errors import SlidefmError
-
-# Aggregators known not to read positions. An aggregator not listed here is assumed to need them
-# unless its class says otherwise (``uses_positions = False``): refusing is safer than feeding zeros.
-POSITION_FREE_AGGREGATORS = ("mean", "abmil", "perceiver")
-_WHY = {"vit": "2-D RoPE/ALiBi and grid PEG", "transmil": "PPEG on the grid"}
+from slidefm.models.aggregators import AGGREGATORS
 
 
 def _get(cfg: Any, *keys: str) -> Any:
@@ -28,25 +27,20 @@ def _get(cfg: Any, *keys: str) -> Any:
     return cfg
 
 
-def aggregator_uses_positions(name: str) -> bool:
-    if name in POSITION_FREE_AGGREGATORS:
-        return False
-    try:
-        from slidefm.models.aggregators import AGGREGATORS
-
-        flag = getattr(AGGREGATORS.get(name), "uses_positions", None)
-    except Exception:  # noqa: BLE001 - an unknown name is reported by the model builder itself
-        flag = None
-    return True if flag is None else bool(flag)
+def position_free_aggregators() -> list[str]:
+    return [n for n in AGGREGATORS.names() if not AGGREGATORS.get(n).uses_positions]
 
 
 def position_options(cfg: Any, training: bool = True) -> list[str]:
     """The options of a training (or, with ``training=False``, inference) config that need positions."""
     out = []
     agg = _get(cfg, "model", "aggregator", "name")
-    if agg is not None and aggregator_uses_positions(str(agg)):
-        why = _WHY.get(str(agg))
-        out.append(f"model.aggregator={agg}" + (f" ({why})" if why else ""))
+    if agg is not None:
+        # An unregistered name counts as needing positions: refusing is safer than feeding zeros.
+        cls = AGGREGATORS.get(str(agg)) if str(agg) in AGGREGATORS.names() else None
+        if cls is None or cls.uses_positions:
+            why = getattr(cls, "positions_for", None)
+            out.append(f"model.aggregator={agg}" + (f" ({why})" if why else ""))
     if training:
         if _get(cfg, "data", "tokens") == "crop":
             out.append("data.tokens=crop (grid crops)")
@@ -67,5 +61,5 @@ def require_positions(cfg: Any, cohort, training: bool = True) -> None:
     raise SlidefmError(
         f"{', '.join(options)} need{'s' if len(options) == 1 else ''} patch coordinates, but slide {sid} "
         f"({cohort.display(cohort.slide_path(sid))}) has none (a features-only bag); use a position-free "
-        f"aggregator ({', '.join(POSITION_FREE_AGGREGATORS)}) without data.views or data.tokens=crop, "
+        f"aggregator ({', '.join(position_free_aggregators())}) without data.views or data.tokens=crop, "
         "e.g. recipe=threads")
