@@ -179,8 +179,11 @@ def test_json_output(tmp_path, capsys):
 
 
 def test_unopenable_cohort(tmp_path, capsys):
-    code, out = run_check(capsys, tmp_path / "missing")
-    assert code == 1 and "cohort directory not found" in out and "Traceback" not in out
+    """Nothing to check: one line on stderr and exit 2, like every other command."""
+    assert main(["check", str(tmp_path / "missing")]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.splitlines() == [
+        f"slidefm check: error: {tmp_path / 'missing'}: cohort directory not found"]
 
 
 def test_trident_layout_accepted(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from slidefm.config_cli import add_dataclass_arguments, dataclass_from_args
 from slidefm.errors import CohortError, Problem
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cohort = Cohort.open(args.cohort, store=False)
     except CohortError as e:
+        if not Path(args.cohort).is_dir():
+            raise  # nothing to check: one line and exit 2, like every other command
         _emit(cfg, False, None, e.problems)
         return 1
     report = validate_cohort(cohort, scan_values=not cfg.quick, workers=cfg.workers)
