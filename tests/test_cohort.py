@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import lattice_coords, write_cohort, write_slide
-from slidefm.cohort import Cohort, TaskSpec
+from slidefm.cohort import Cohort, TaskSpec, validate_cohort
 from slidefm.errors import CohortError, SlidefmError
 
 
@@ -62,7 +62,7 @@ def test_optional_tables_absent(tmp_path):
     c = Cohort.open(root)
     assert c.clinical is None and c.reports is None and c.expression is None and c.expression_units is None
     assert c.tasks == [] and c.patient_report("P000") is None
-    assert c.validate() == []
+    assert validate_cohort(c).problems == []
 
 
 def test_path_column_and_yaml_overrides(tmp_path):
@@ -96,7 +96,7 @@ def test_path_column_and_yaml_overrides(tmp_path):
     adata, units = c.omics["mutations"]
     assert units == "binary" and list(adata.obs_names) == ["P000", "P001", "P002"]
     assert c.tasks[0].level == "patient"
-    assert [p for p in c.validate() if p.level == "error"] == []
+    assert [p for p in validate_cohort(c).problems if p.level == "error"] == []
 
 
 def test_features_dir_override(tmp_path):
@@ -151,12 +151,12 @@ def test_reader_is_picklable(cohort_dir):
     assert torch.equal(a.features, b.features) and torch.equal(a.positions, b.positions)
 
 
-def test_validate_true_raises(cohort_dir):
+def test_validation_finds_what_opening_does_not_read(cohort_dir):
     (cohort_dir / "features" / "S001.h5").unlink()
     c = Cohort.open(cohort_dir)  # lazily: opening does not touch slide files
-    assert any("S001" in p.where for p in c.validate())
-    with pytest.raises(CohortError, match=r"features/S001.h5 \[slide S001, slides.csv line 3\]: file not found"):
-        Cohort.open(cohort_dir, validate=True)
+    report = validate_cohort(c)
+    assert not report.ok and [str(p) for p in report.errors] == [
+        "error: features/S001.h5 [slide S001, slides.csv line 3]: file not found"]
 
 
 def _mutations(root, name="mut.h5ad"):
@@ -177,7 +177,7 @@ def test_cohort_yaml_omics_forms(tmp_path, form):
     adata, units = c.omics["mutations"]
     assert list(adata.obs_names) == ["P000", "P001", "P002"]
     assert units == ("continuous" if form == "bare_file_name" else "binary")
-    problems = c.validate()
+    problems = validate_cohort(c).problems
     assert [p for p in problems if p.level == "error"] == []
     # Metadata is kept out of the way with one warning, never an error.
     (name_warning,) = [p for p in problems if p.where == "name"]
@@ -188,7 +188,7 @@ def test_cohort_yaml_other_keys(tmp_path):
     root = write_cohort(tmp_path, reports=False, tasks=False, expression=False)
     _mutations(root)
     (root / "cohort.yaml").write_text(yaml.safe_dump({"reprots": "r.csv", "version": 2, "tags": ["liver"]}))
-    problems = Cohort.open(root).validate()
+    problems = validate_cohort(Cohort.open(root)).problems
     by_key = {p.where: p for p in problems}
     assert all(p.level == "warning" for p in problems) and set(by_key) == {"reprots", "version", "tags"}
     assert "did you mean 'reports'?" in by_key["reprots"].message

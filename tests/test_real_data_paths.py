@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from slidefm.cli import main as cli
-from slidefm.cohort import Cohort
+from slidefm.cohort import Cohort, validate_cohort
 from slidefm.errors import SlidefmError
 from conftest import write_cohort
 from test_train import compose_cfg
@@ -99,7 +99,8 @@ def test_import_bags_writes_the_contract(tmp_path):
     s = import_bags(bags, tmp_path / "cohort", [table], tcga=True, patch_size=512)
     assert (s.slides, s.patients, s.dim) == (6, 3, 8)
     assert s.clinical_columns == ["oncotree_code"] and s.slide_columns == ["stain"]
-    c = Cohort.open(tmp_path / "cohort", validate=True)
+    c = Cohort.open(tmp_path / "cohort")
+    assert validate_cohort(c).ok
     assert list(c.slides["center"].unique()) == ["A0", "A1", "A2"]
     sid = c.slide_ids[2]
     with h5py.File(tmp_path / "cohort" / "features" / f"{sid}.h5") as f:
@@ -220,7 +221,8 @@ def test_import_bags_without_layout_gives_a_features_only_cohort(tmp_path):
 
     bags, table = _bags(tmp_path)
     import_bags(bags, tmp_path / "cohort", [table], tcga=True, layout="none")
-    c = Cohort.open(tmp_path / "cohort", validate=True)
+    c = Cohort.open(tmp_path / "cohort")
+    assert validate_cohort(c).ok
     sd = c.read_slide(c.slide_ids[0])
     assert not sd.has_positions and sd.num_patches == 3
     with h5py.File(tmp_path / "cohort" / "features" / f"{c.slide_ids[0]}.h5") as f:

@@ -11,7 +11,7 @@ import torch
 from conftest import write_cohort, write_slide
 from slidefm.cli import main
 from slidefm.cohort import Cohort, PackedStore, pack_cohort
-from slidefm.cohort import store as store_mod
+from slidefm.cohort import pack as pack_mod
 from slidefm.errors import CohortError, SlidefmError
 
 
@@ -74,7 +74,7 @@ def test_store_missing_a_slide_is_stale(cohort_dir):
 def test_failed_pack_leaves_nothing(cohort_dir, monkeypatch):
     store = cohort_dir / ".slidefm" / "store"
     calls = []
-    real = store_mod._copy_slide
+    real = pack_mod._copy_slide
 
     def flaky(*args, **kw):
         calls.append(1)
@@ -82,7 +82,7 @@ def test_failed_pack_leaves_nothing(cohort_dir, monkeypatch):
             raise OSError("disk full")
         return real(*args, **kw)
 
-    monkeypatch.setattr(store_mod, "_copy_slide", flaky)
+    monkeypatch.setattr(pack_mod, "_copy_slide", flaky)
     with pytest.raises(OSError, match="disk full"):
         pack_cohort(Cohort.open(cohort_dir, store=False))
     assert not store.exists()

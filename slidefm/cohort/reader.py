@@ -10,13 +10,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from slidefm.cohort import h5
 from slidefm.cohort.layout import Layout, TableSpec, load_layout
+from slidefm.cohort.slides import H5SlideReader, SlideData, SlideReader  # noqa: F401 - SlideData re-exported
 from slidefm.errors import CohortError, Problem, SlidefmError
-from slidefm.grid import GridError, coords_to_grid
 
 # pandas' default NA tokens, applied to every column except identifiers ("NA" can be a patient id).
 _NA = ["", "#N/A", "#NA", "-NaN", "-nan", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
@@ -38,104 +37,6 @@ class TaskSpec:
     @property
     def columns(self) -> list[str]:
         return [c for c in (self.label, self.time, self.event) if c]
-
-
-@dataclass
-class SlideData:
-    """One slide: float32 features, level-0 coords and integer grid positions, same row order.
-
-    A features-only bag (a .pt file, or HDF5 without ``coords``) has ``has_positions=False`` and
-    all-zero ``coords``/``positions``, ``step`` 0: only position-free models may use it (the
-    training and export pre-flight checks refuse the others, see slidefm.models.positions).
-    """
-
-    slide_id: str
-    features: torch.Tensor  # (N, D) float32
-    coords: torch.Tensor  # (N, 2) int64 level-0 (x, y)
-    positions: torch.Tensor  # (N, 2) int64 grid (col, row)
-    step: int  # level-0 stride between neighbouring grid cells
-    patch_size_level0: int | None
-    has_positions: bool = True
-
-    @property
-    def num_patches(self) -> int:
-        return int(self.features.shape[0])
-
-
-def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, positions: np.ndarray | None,
-               step: int, patch_size_level0: int | None) -> SlideData:
-    """Build a SlideData from numpy arrays; every reader goes through here so outputs are identical.
-
-    ``coords``/``positions`` None: a features-only bag (zeros, ``has_positions=False``).
-    """
-    has = coords is not None and positions is not None
-    if not has:
-        coords = positions = np.zeros((len(features), 2), np.int64)
-        step = 0
-    # torch's float16 -> float32 cast is several times faster than numpy's on CPU (and equally exact).
-    return SlideData(
-        slide_id,
-        torch.from_numpy(np.ascontiguousarray(features)).to(torch.float32),
-        torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)),
-        torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)),
-        int(step),
-        patch_size_level0,
-        has,
-    )
-
-
-def slide_grid(coords: np.ndarray, header: h5.SlideHeader):
-    """Grid of a slide from its coords and attributes; an implausible grid raises SlideFileError."""
-    try:
-        grid = coords_to_grid(coords, attrs=header.attrs)
-    except GridError as e:
-        raise h5.SlideFileError(str(e)) from None
-    bad = grid.problems()
-    if bad:
-        raise h5.SlideFileError("; ".join(bad))
-    return grid
-
-
-def read_slide_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarray | None, Any]:
-    """Features (stored dtype), coords (int64) and grid of one slide file (HDF5 or .pt);
-    coords and grid are None for a features-only bag. Raises SlideFileError."""
-    with h5.SlideSource(path) as src:
-        header = src._need_header()
-        feats = src.features()
-        coords = src.coords()
-    grid = None if coords is None else slide_grid(coords, header)
-    return header, feats, coords, grid
-
-
-read_h5_arrays = read_slide_arrays  # the earlier name
-
-
-class SlideReader:
-    """Reads one slide by id; subclasses are picklable so DataLoader workers can each hold one."""
-
-    def read(self, slide_id: str) -> SlideData:
-        raise NotImplementedError
-
-    def __call__(self, slide_id: str) -> SlideData:
-        return self.read(slide_id)
-
-
-class H5SlideReader(SlideReader):
-    """Per-slide files (HDF5 or features-only .pt); opens each only for the duration of one read (fork-safe)."""
-
-    def __init__(self, paths: dict[str, str], root: Path):
-        self.paths = paths
-        self.root = Path(root)
-
-    def read(self, slide_id: str) -> SlideData:
-        path = Path(self.paths[slide_id])
-        try:
-            header, feats, coords, grid = read_slide_arrays(path)
-        except h5.SlideFileError as e:
-            raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None
-        if grid is None:
-            return slide_data(slide_id, feats, None, None, 0, header.patch_size_level0)
-        return slide_data(slide_id, feats, coords, grid.positions, grid.step, header.patch_size_level0)
 
 
 def _torch_only_names(feat_dir: Path) -> dict[str, str]:
@@ -172,13 +73,6 @@ def _file_has_coords(path: Path) -> bool:
         return True
 
 
-def _display(p: Path, root: Path) -> str:
-    try:
-        return str(Path(p).relative_to(root))
-    except ValueError:
-        return str(p)
-
-
 def read_csv(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     """CSV with identifier columns kept as exact strings (only empty cells are missing)."""
     cols = pd.read_csv(path, nrows=0).columns
@@ -213,9 +107,10 @@ class Cohort:
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, store: str | Path | bool | None = None, validate: bool = False) -> "Cohort":
+    def open(cls, path: str | Path, store: str | Path | bool | None = None) -> "Cohort":
         """Open COHORT. ``store``: None = use the default packed store if present and up to date,
-        a path = use that store (error if stale), False = always read HDF5."""
+        a path = use that store (error if stale), False = always read HDF5. Checking the whole cohort is
+        :func:`slidefm.cohort.validate.validate_cohort` (``Cohort.open`` reads only what it must)."""
         root = Path(path).resolve()
         if not root.is_dir():
             raise CohortError([Problem(str(path), "", "cohort directory not found")])
@@ -255,10 +150,6 @@ class Cohort:
         slides = df[["slide_id", "patient_id", "path"] + rest].set_index("slide_id")
         cohort = cls(layout, slides, problems)
         cohort._attach_store(store)
-        if validate:
-            errors = [p for p in cohort.validate() if p.level == "error"]
-            if errors:
-                raise CohortError(errors)
         return cohort
 
     def _attach_store(self, store: str | Path | bool | None) -> None:
@@ -273,7 +164,7 @@ class Cohort:
                 raise SlidefmError(f"packed store {path} not found (run `slidefm pack {self.root}`)")
             return
         packed = PackedStore(path)
-        reason = packed.stale_reason(self)
+        reason = packed.stale_reason(self.slides["path"].to_dict(), self.display)
         if reason is not None:
             msg = f"packed store {path} is out of date ({reason}); run `slidefm pack {self.root}` again"
             if explicit:
@@ -589,13 +480,6 @@ class Cohort:
                                     "warning"))
         adata.obs_names = pd.Index(ids, name="patient_id")
         return adata, problems
-
-    # ---- validation ----------------------------------------------------------------------------
-    def validate(self, scan_values: bool = True, workers: int | None = None) -> list[Problem]:
-        """Every problem in the cohort (errors and warnings); see slidefm.cohort.validate."""
-        from slidefm.cohort.validate import validate_cohort
-
-        return validate_cohort(self, scan_values=scan_values, workers=workers).problems
 
     def __repr__(self) -> str:
         src = "packed store" if self._store is not None else "HDF5"

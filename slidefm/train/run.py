@@ -50,14 +50,14 @@ def text_embeddings(cfg, texts: list[str | None], cache_dir: Path) -> torch.Tens
 
 def build_everything(cfg: DictConfig):
     """Cohort -> tables -> LightningModule + DataModule (no training)."""
-    from slidefm.cohort import Cohort
+    from slidefm.cohort import Cohort, validate_cohort
     from slidefm.data.dataset import Collate, PatientDataset
     from slidefm.data.tables import build_tables
     from slidefm.train.module import SlideFMModule
     from slidefm.data.loader import CohortDataModule
 
     cohort = Cohort.open(cfg.data.cohort, store=cfg.data.store)
-    problems = cohort.validate()
+    problems = validate_cohort(cohort).problems
     errors = [p for p in problems if p.level == "error"]
     if errors:
         raise CohortError(errors)

@@ -1,0 +1,120 @@
+"""One slide file -> :class:`SlideData`: the readers below the Cohort (HDF5/.pt files here, the packed store
+in :mod:`slidefm.cohort.store`), so both can be used without the cohort tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slidefm.cohort import h5
+from slidefm.errors import SlidefmError
+from slidefm.grid import GridError, coords_to_grid
+
+
+@dataclass
+class SlideData:
+    """One slide: float32 features, level-0 coords and integer grid positions, same row order.
+
+    A features-only bag (a .pt file, or HDF5 without ``coords``) has ``has_positions=False`` and
+    all-zero ``coords``/``positions``, ``step`` 0: only position-free models may use it (the
+    training and export pre-flight checks refuse the others, see slidefm.models.positions).
+    """
+
+    slide_id: str
+    features: torch.Tensor  # (N, D) float32
+    coords: torch.Tensor  # (N, 2) int64 level-0 (x, y)
+    positions: torch.Tensor  # (N, 2) int64 grid (col, row)
+    step: int  # level-0 stride between neighbouring grid cells
+    patch_size_level0: int | None
+    has_positions: bool = True
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.features.shape[0])
+
+
+def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, positions: np.ndarray | None,
+               step: int, patch_size_level0: int | None) -> SlideData:
+    """Build a SlideData from numpy arrays; every reader goes through here so outputs are identical.
+
+    ``coords``/``positions`` None: a features-only bag (zeros, ``has_positions=False``).
+    """
+    has = coords is not None and positions is not None
+    if not has:
+        coords = positions = np.zeros((len(features), 2), np.int64)
+        step = 0
+    # torch's float16 -> float32 cast is several times faster than numpy's on CPU (and equally exact).
+    return SlideData(
+        slide_id,
+        torch.from_numpy(np.ascontiguousarray(features)).to(torch.float32),
+        torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)),
+        int(step),
+        patch_size_level0,
+        has,
+    )
+
+
+def slide_grid(coords: np.ndarray, header: h5.SlideHeader):
+    """Grid of a slide from its coords and attributes; an implausible grid raises SlideFileError."""
+    try:
+        grid = coords_to_grid(coords, attrs=header.attrs)
+    except GridError as e:
+        raise h5.SlideFileError(str(e)) from None
+    bad = grid.problems()
+    if bad:
+        raise h5.SlideFileError("; ".join(bad))
+    return grid
+
+
+def read_slide_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarray | None, Any]:
+    """Features (stored dtype), coords (int64) and grid of one slide file (HDF5 or .pt);
+    coords and grid are None for a features-only bag. Raises SlideFileError."""
+    with h5.SlideSource(path) as src:
+        header = src._need_header()
+        feats = src.features()
+        coords = src.coords()
+    grid = None if coords is None else slide_grid(coords, header)
+    return header, feats, coords, grid
+
+
+read_h5_arrays = read_slide_arrays  # the earlier name
+
+
+class SlideReader:
+    """Reads one slide by id; subclasses are picklable so DataLoader workers can each hold one."""
+
+    def read(self, slide_id: str) -> SlideData:
+        raise NotImplementedError
+
+    def __call__(self, slide_id: str) -> SlideData:
+        return self.read(slide_id)
+
+
+class H5SlideReader(SlideReader):
+    """Per-slide files (HDF5 or features-only .pt); opens each only for the duration of one read (fork-safe)."""
+
+    def __init__(self, paths: dict[str, str], root: Path):
+        self.paths = paths
+        self.root = Path(root)
+
+    def read(self, slide_id: str) -> SlideData:
+        path = Path(self.paths[slide_id])
+        try:
+            header, feats, coords, grid = read_slide_arrays(path)
+        except h5.SlideFileError as e:
+            raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None
+        if grid is None:
+            return slide_data(slide_id, feats, None, None, 0, header.patch_size_level0)
+        return slide_data(slide_id, feats, coords, grid.positions, grid.step, header.patch_size_level0)
+
+
+def _display(p: Path, root: Path) -> str:
+    try:
+        return str(Path(p).relative_to(root))
+    except ValueError:
+        return str(p)
