@@ -16,6 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from slidefm.data.config import DataConfig
+from slidefm.models.aggregators.input_norm import InputNorm
+from slidefm.models.case import SlidePooling
 from slidefm.registry import omegaconf_schema
 
 
@@ -38,14 +40,15 @@ class ModelConfig:
     expression: Any = field(default=None, metadata={"help": "expression encoder (group model/expression)"})
     omics: Any = field(default_factory=dict, metadata={
         "help": "name -> tabular encoder config, for the other omics tables of cohort.yaml"})
-    input_norm: str = field(
-        default="none", metadata={"help": "per-slide feature normalisation before the aggregator: none | center | standardize"}
-    )
+    input_norm: InputNorm = field(default="none", metadata={
+        "help": "per-slide feature normalisation before the aggregator: none, subtract the slide's mean feature, "
+                "or also divide by its per-dimension spread"})
     mean_path: bool = field(default=False, metadata={
         "help": "exported slide/patient embeddings end with the slide's mean input feature (mean pooling), so a "
                 "probe can always recover the mean-pooling baseline; training objectives never see it"})
     embed_dim: int = field(default=256, metadata={"help": "shared embedding width of the contrastive space"})
-    patient_pool: str = field(default="mean", metadata={"help": "slide->patient pooling without a case model"})
+    patient_pool: SlidePooling = field(default="mean", metadata={
+        "help": "slide->patient pooling without a case model: mean or max over the patient's slides"})
     init_from: Optional[str] = field(default=None, metadata={"help": "checkpoint whose slide encoder initialises this one"})
     freeze_slide_encoder: bool = field(default=False, metadata={"help": "train only the patient stage and heads"})
 

@@ -112,12 +112,13 @@ def choices(cls: type) -> dict[str, tuple]:
     return out
 
 
-def check_choices(cfg: Any, where: str = "") -> None:
+def check_choices(cfg: Any, where: str = "", cls: type | None = None) -> None:
     """OptionError (a ValueError) naming the option and its allowed values when a ``Literal`` field of ``cfg``
     holds another.
 
-    ``where`` prefixes the option name (e.g. ``"text "``): the message reads like the config key."""
-    for name, allowed in choices(type(cfg)).items():
+    ``where`` prefixes the option name (e.g. ``"text "``): the message reads like the config key. ``cls``: the
+    dataclass that declares the fields when ``cfg`` is not an instance of it (a DictConfig, a dict-like node)."""
+    for name, allowed in choices(cls or type(cfg)).items():
         value = getattr(cfg, name)
         if value not in allowed:
             raise OptionError(f"{where}{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")

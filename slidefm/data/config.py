@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from omegaconf import MISSING
 
@@ -23,7 +23,8 @@ class DataConfig:
     max_slides_per_patient: int = field(
         default=1, metadata={"help": "slides drawn per patient per step (1 avoids same-patient negatives)"}
     )
-    tokens: str = field(default="whole", metadata={"help": "slide tokens for the slide branch: whole | subsample | crop"})
+    tokens: Literal["whole", "subsample", "crop"] = field(default="whole", metadata={
+        "help": "slide tokens for the slide branch: all, a seeded random subset of max_tokens, or a crop_size grid crop"})
     max_tokens: Optional[int] = field(
         default=None, metadata={"help": "explicit, seeded token cap for tokens=subsample (recorded in the run)"}
     )

@@ -18,6 +18,7 @@ from slidefm.data.batch import Modality, PackedSlides, pack_slides
 from slidefm.data.config import DataConfig
 from slidefm.data.tables import PatientTables
 from slidefm.data.types import Batch, Views, segment_offsets
+from slidefm.registry import check_choices
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -37,7 +38,8 @@ def select_tokens(n: int, positions: np.ndarray, cfg: DataConfig, rng: np.random
 
         # crop windows follow the views' tissue rule (data.views.min_tissue's default)
         return random_crop(positions, cfg.crop_size, rng, ViewConfig.min_tissue)
-    raise ValueError(f"unknown data.tokens '{cfg.tokens}' (whole | subsample | crop)")
+    check_choices(cfg, "data.", DataConfig)
+    raise AssertionError(cfg.tokens)  # every allowed value is handled above
 
 
 class PatientDataset(Dataset):

@@ -7,6 +7,7 @@ Slides of P patients arrive packed: ``emb`` (S, d) with patient i owning
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from timm.layers import trunc_normal_
@@ -22,7 +23,11 @@ __all__ = ["CASE_MODELS", "CaseConfig", "CaseTransformer", "build_case_transform
 CASE_MODELS = Registry("case model")
 
 
-def pool_slides(emb: Tensor, offsets: Tensor, how: str = "mean") -> Tensor:
+#: ``model.patient_pool``: the allowed values, declared here once (slidefm.config.ModelConfig uses this type).
+SlidePooling = Literal["mean", "max"]
+
+
+def pool_slides(emb: Tensor, offsets: Tensor, how: SlidePooling) -> Tensor:
     """(P, d) patient embeddings from packed (S, d) slide embeddings by ``how`` = "mean" | "max".
 
     For checkpoints without a case transformer. A patient without slides gets zeros.
@@ -33,7 +38,7 @@ def pool_slides(emb: Tensor, offsets: Tensor, how: str = "mean") -> Tensor:
         return segment_mean(emb, seg, n)
     if how == "max":
         return segment_max(emb, seg, n)
-    raise SlidefmError(f"unknown slide pooling '{how}'; known: mean, max")
+    raise SlidefmError(f"unknown slide pooling '{how}'; known: {', '.join(get_args(SlidePooling))}")
 
 
 @dataclass

@@ -8,20 +8,24 @@ own slide. It is part of the aggregator, so the EMA teacher, export and ``embed_
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from slidefm.data.batch import PackedSlides
+from slidefm.errors import OptionError
 from slidefm.models.aggregators.base import Aggregator, AggregatorOutput
 from slidefm.models.segments import segment_index, segment_mean
 
-MODES = ("none", "center", "standardize")
+#: ``model.input_norm``: the allowed values, declared here once (slidefm.config.ModelConfig uses this type).
+InputNorm = Literal["none", "center", "standardize"]
 
 
 class SlideInputNorm(Aggregator):
     def __init__(self, inner: Aggregator, mode: str, eps: float = 1e-6):
         super().__init__()
-        if mode not in MODES[1:]:
-            raise ValueError(f"input_norm must be one of {MODES}, got '{mode}'")
+        if mode not in get_args(InputNorm)[1:]:  # "none" means no wrapper at all
+            raise OptionError(f"input_norm must be one of {', '.join(map(repr, get_args(InputNorm)))}, got {mode!r}")
         self.inner = inner
         self.mode = mode
         self.eps = eps
