@@ -54,7 +54,10 @@ def test_slide_export_cli_opens_in_scanpy_with_metadata(trained, tmp_path):
     assert list(a.obs_names) == slides["slide_id"].tolist()
     for col in slides.columns.drop("slide_id"):
         assert col in a.obs.columns
-    assert a.X.shape == (len(slides), 32) and np.isfinite(a.X).all()
+    # The house recipe exports the learned part (32) followed by the slide's mean input (mean_path).
+    enc = slidefm.load(ckpt)
+    assert enc.model.mean_path and a.X.shape == (len(slides), 32 + enc.in_dim) and np.isfinite(a.X).all()
+    assert a.uns["embedding_layout"] == f"learned[0:32] + mean_input[32:{32 + enc.in_dim}]"
     assert a.uns["level"] == "slide" and a.uns["model"] == "slidefm"
     assert len(a.uns["checkpoint_sha256"]) == 64 and "token_cap" in a.uns
     assert not (tmp_path / "slides.h5ad.partial").exists()
@@ -168,7 +171,7 @@ def test_patient_export_uses_case_transformer_and_masks_missing_modalities(train
     rows = [list(slide_emb.obs_names).index(s) for s in c.slides_of(p)]
     x = torch.from_numpy(slide_emb.X[rows[::-1]])
     with torch.inference_mode():
-        flipped = enc.model.encode_patients(x, torch.tensor([0, len(rows)])).numpy()[0]
+        flipped = enc.model.export_patients(x, torch.tensor([0, len(rows)])).numpy()[0]
     np.testing.assert_allclose(flipped, a[p].X[0], rtol=1e-4, atol=1e-5)
 
 
