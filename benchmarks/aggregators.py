@@ -166,19 +166,45 @@ def padded_forward(model, x):
     return seq[:, 0], seq[:, P:][valid[:, P:]]
 
 
-def section_packed(args) -> dict:
+def lognormal_batches(args) -> list[list[int]]:
+    """--packed-batches batches of --packed-batch-size slide lengths: lognormal (median 2000), clipped to 64..20000."""
     import numpy as np
 
-    in_dim, dim, depth, heads = 256, args.packed_dim, args.packed_depth, args.packed_heads
-    model = build_vit(in_dim, dim, depth, heads, "rope").train()
     rng = np.random.default_rng(0)
-    batches = [np.clip(rng.lognormal(math.log(2000), args.packed_sigma, args.packed_batch_size), 64, 20000).astype(int).tolist()
-               for _ in range(args.packed_batches)]
+    return [np.clip(rng.lognormal(math.log(2000), args.packed_sigma, args.packed_batch_size), 64, 20000).astype(int).tolist()
+            for _ in range(args.packed_batches)]
+
+
+def packed_vs_padded(batches, in_dim, step_times, device=None) -> tuple[list[dict], float, float]:
+    """Per batch ``step_times(b, x) -> (packed_s, padded_s)`` on ``make_batch(lens, seed=b)``: rows and both totals."""
     rows, t_packed, t_padded = [], 0.0, 0.0
-    warm = make_batch([256, 128], in_dim)
     for b, lens in enumerate(batches):
         x = make_batch(lens, in_dim, seed=b)
+        tp, tq = step_times(b, x if device is None else x.to(device))
+        t_packed += tp
+        t_padded += tq
+        rows.append({"lengths": lens, "tokens": sum(lens), "padded_tokens": len(lens) * max(lens),
+                     "packed_s": tp, "padded_s": tq, "speedup": tq / tp})
+    return rows, t_packed, t_padded
 
+
+def slide_diff_packed_vs_padded(model, in_dim, device=None) -> float:
+    """Max |packed - padded| slide embedding in eval mode, fp32: the speedup compares the same computation."""
+    model.eval()
+    with torch.no_grad():
+        x = make_batch([300, 70, 150], in_dim, seed=7)
+        x = x if device is None else x.to(device)
+        ref, s = model(x).slide, padded_forward(model, x)[0]
+    return float((ref - s).abs().max())
+
+
+def section_packed(args) -> dict:
+    in_dim, dim, depth, heads = 256, args.packed_dim, args.packed_depth, args.packed_heads
+    model = build_vit(in_dim, dim, depth, heads, "rope").train()
+    batches = lognormal_batches(args)
+    warm = make_batch([256, 128], in_dim)
+
+    def step_times(b, x):
         def packed():
             model.zero_grad(set_to_none=True)
             out = model(x)
@@ -192,17 +218,10 @@ def section_packed(args) -> dict:
         if b == 0:  # warm both paths on a tiny batch
             model(warm).slide.sum().backward()
             padded_forward(model, warm)[0].sum().backward()
-        tp = timed(packed, args.packed_steps, warmup=0)
-        tq = timed(padded, args.packed_steps, warmup=0)
-        t_packed += tp
-        t_padded += tq
-        rows.append({"lengths": lens, "tokens": sum(lens), "padded_tokens": len(lens) * max(lens),
-                     "packed_s": tp, "padded_s": tq, "speedup": tq / tp})
-    # equivalence check so the speedup compares the same computation
-    model.eval()
-    with torch.no_grad():
-        x = make_batch([300, 70, 150], in_dim, seed=7)
-        ref, s = model(x).slide, padded_forward(model, x)[0]
+        return timed(packed, args.packed_steps, warmup=0), timed(padded, args.packed_steps, warmup=0)
+
+    rows, t_packed, t_padded = packed_vs_padded(batches, in_dim, step_times)
+    diff = slide_diff_packed_vs_padded(model, in_dim)
     return {
         "config": {"in_dim": in_dim, "dim": dim, "depth": depth, "heads": heads, "lognormal_median": 2000,
                    "sigma": args.packed_sigma, "clip": [64, 20000], "batch_size": args.packed_batch_size,
@@ -210,7 +229,7 @@ def section_packed(args) -> dict:
         "batches": rows, "tokens_per_s_packed": sum(r["tokens"] for r in rows) * args.packed_steps / t_packed,
         "tokens_per_s_padded": sum(r["tokens"] for r in rows) * args.packed_steps / t_padded,
         "speedup": t_padded / t_packed, "target": 1.8,
-        "max_abs_diff_slide_packed_vs_padded": float((ref - s).abs().max()),
+        "max_abs_diff_slide_packed_vs_padded": diff,
     }
 
 
@@ -397,16 +416,12 @@ def section_gpu_packed(args) -> dict:
     """Packed (varlen kernel) vs padded (dense SDPA + key mask) bf16 training, ViT 384 x 6, lognormal lengths."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
-    import numpy as np
-
     from slidefm.models.attention import resolve_backend
 
     dev = torch.device("cuda")
     in_dim, dim, depth, heads = 256, 384, 6, 6
     model = build_vit(in_dim, dim, depth, heads, "rope").to(dev).train()
-    rng = np.random.default_rng(0)
-    batches = [np.clip(rng.lognormal(math.log(2000), args.packed_sigma, args.packed_batch_size), 64, 20000).astype(int).tolist()
-               for _ in range(args.packed_batches)]
+    batches = lognormal_batches(args)
 
     def run(fn, x):
         model.zero_grad(set_to_none=True)
@@ -420,19 +435,12 @@ def section_gpu_packed(args) -> dict:
         out = model(x)
         return out.slide, out.tokens
 
-    rows, t_packed, t_padded = [], 0.0, 0.0
-    for b, lens in enumerate(batches):
-        x = make_batch(lens, in_dim, seed=b).to(dev)
-        tp = timed(lambda: run(packed_fn, x), args.gpu_steps, warmup=1)
-        tq = timed(lambda: run(lambda y: padded_forward(model, y), x), args.gpu_steps, warmup=1)
-        t_packed += tp
-        t_padded += tq
-        rows.append({"lengths": lens, "tokens": sum(lens), "padded_tokens": len(lens) * max(lens),
-                     "packed_s": tp, "padded_s": tq, "speedup": tq / tp})
-    model.eval()
-    with torch.no_grad():
-        x = make_batch([300, 70, 150], in_dim, seed=7).to(dev)
-        ref, s_pad = model(x).slide, padded_forward(model, x)[0]
+    def step_times(b, x):
+        return (timed(lambda: run(packed_fn, x), args.gpu_steps, warmup=1),
+                timed(lambda: run(lambda y: padded_forward(model, y), x), args.gpu_steps, warmup=1))
+
+    rows, t_packed, t_padded = packed_vs_padded(batches, in_dim, step_times, device=dev)
+    diff = slide_diff_packed_vs_padded(model, in_dim, device=dev)
     speedup = t_padded / t_packed
     return {"config": {"in_dim": in_dim, "dim": dim, "depth": depth, "heads": heads, "lognormal_median": 2000,
                        "sigma": args.packed_sigma, "clip": [64, 20000], "batch_size": args.packed_batch_size,
@@ -441,7 +449,7 @@ def section_gpu_packed(args) -> dict:
             "tokens_per_s_packed": sum(r["tokens"] for r in rows) / t_packed,
             "tokens_per_s_padded": sum(r["tokens"] for r in rows) / t_padded,
             "speedup": speedup, "goal": GPU_GOALS["packed_speedup"], "meets_goal": speedup >= GPU_GOALS["packed_speedup"],
-            "max_abs_diff_slide_packed_vs_padded_fp32": float((ref - s_pad).abs().max())}
+            "max_abs_diff_slide_packed_vs_padded_fp32": diff}
 
 
 def section_gpu_slide(args) -> dict:

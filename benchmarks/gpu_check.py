@@ -29,6 +29,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import _common
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BUDGET_S = 450.0  # under the 8-minute promise, with room for start-up and the final write
@@ -122,11 +124,7 @@ def read_section(path: Path, section: str) -> dict | None:
 
 
 def write_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    os.replace(tmp, path)
+    _common.write_atomic(path, doc, default=str)  # anything not JSON as a string, as printed
 
 
 # ---------------------------------------------------------------- children

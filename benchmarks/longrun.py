@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import run_child, write_atomic
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -153,14 +155,6 @@ def make_cohort(path: Path, patients: int, dim: int, min_side: int, max_side: in
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
 
 
-def write_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="before,after", help="comma list of " + ", ".join(MODES))
@@ -207,14 +201,7 @@ def main(argv=None) -> int:
         for o in args.override:
             cmd += ["--override", o]
         t = time.perf_counter()
-        try:
-            pr = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
-            if pr.returncode != 0:
-                res = {"error": (pr.stderr or pr.stdout)[-3000:]}
-            else:
-                res = json.loads(pr.stdout.strip().splitlines()[-1])
-        except subprocess.TimeoutExpired:
-            res = {"error": f"timed out after {args.timeout:.0f} s"}
+        res = run_child(cmd, env, args.timeout)
         if "steps" not in res and (run_dir / "steps.jsonl").exists():  # cut short: keep the partial curve
             res["steps"] = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line]
         if "steps" in res:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import run_child, write_atomic
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PARTS = ("generate", "check_cold", "check_warm", "pack", "train", "export")
@@ -204,16 +206,12 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[dict, float]:
     return {"returncode": p.returncode, "stdout_tail": p.stdout[-300:]}, wall
 
 
-def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
-
-
-def write_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
+def run_child_timed(cmd: list[str], env: dict, timeout: float) -> dict:
+    """This script's ``--_child`` (its JSON, or the error) plus ``process_wall_s``, process start to exit."""
+    t = time.perf_counter()
+    r = run_child(cmd, env, timeout)
+    r["process_wall_s"] = time.perf_counter() - t
+    return r
 
 
 def measure(n: int, args, doc: dict, out: Path) -> None:
@@ -260,39 +258,17 @@ def measure(n: int, args, doc: dict, out: Path) -> None:
         run_dir = work / f"run{n}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, __file__, "--_child", "train", "--cohort", str(cohort), "--run-dir", str(run_dir)]
-        t = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
-            r = last_json(p.stdout) if p.returncode == 0 else {"error": (p.stderr or p.stdout)[-3000:]}
-        except subprocess.TimeoutExpired:
-            r = {"error": f"timed out after {args.timeout:.0f} s"}
-        r["process_wall_s"] = time.perf_counter() - t
-        res["train"] = r
+        res["train"] = run_child_timed(cmd, env, args.timeout)
         save()
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if args.train_cold:
             shutil.rmtree(run_dir, ignore_errors=True)
-            env_cold = dict(env, SLIDEFM_VALIDATION_CACHE="0")
-            t = time.perf_counter()
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env_cold, cwd=ROOT)
-                r = last_json(p.stdout) if p.returncode == 0 else {"error": (p.stderr or p.stdout)[-3000:]}
-            except subprocess.TimeoutExpired:
-                r = {"error": f"timed out after {args.timeout:.0f} s"}
-            r["process_wall_s"] = time.perf_counter() - t
-            res["train_cold_cache"] = r
+            res["train_cold_cache"] = run_child_timed(cmd, dict(env, SLIDEFM_VALIDATION_CACHE="0"), args.timeout)
             save()
     if "export" in parts and ckpt is not None and ckpt.exists():
         cmd = [sys.executable, __file__, "--_child", "export", "--cohort", str(cohort), "--checkpoint", str(ckpt),
                "--out", str(work / f"export{n}.h5ad")]
-        t = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
-            r = last_json(p.stdout) if p.returncode == 0 else {"error": (p.stderr or p.stdout)[-3000:]}
-        except subprocess.TimeoutExpired:
-            r = {"error": f"timed out after {args.timeout:.0f} s"}
-        r["process_wall_s"] = time.perf_counter() - t
-        res["export"] = r
+        res["export"] = run_child_timed(cmd, env, args.timeout)
         save()
 
 

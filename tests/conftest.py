@@ -124,3 +124,27 @@ def _make_tiny_bert(d, seed: int = 0, layers: int = 3):
 def make_tiny_bert():
     """Factory ``make_tiny_bert(dir, seed=0, layers=3) -> dir``."""
     return _make_tiny_bert
+
+
+def _make_synth_cohort(root: Path, patients: int = 40, seed: int = 3, genes: int = 200, max_side: int = 16) -> Path:
+    """``slidefm synth`` (through the CLI) into ``root``: 32-D features, slides 10..``max_side`` patches a side.
+
+    The defaults are the tiny cohort every recipe trains on (tests/test_train.py, tests/gpu/test_gpu_train.py).
+    """
+    from slidefm.cli import main as cli
+
+    assert cli(["synth", str(root), "--patients", str(patients), "--seed", str(seed), "--dim", "32",
+                "--genes", str(genes), "--min-side", "10", "--max-side", str(max_side)]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_synth_cohort():
+    """Factory ``make_synth_cohort(root, patients=40, seed=3, genes=200, max_side=16) -> root``."""
+    return _make_synth_cohort
+
+
+@pytest.fixture(scope="module")
+def tiny_text_dir(tmp_path_factory, make_tiny_bert):
+    """The tiny BERT of ``make_tiny_bert``, saved once per test module."""
+    return make_tiny_bert(tmp_path_factory.mktemp("bert"))

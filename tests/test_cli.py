@@ -15,11 +15,8 @@ TINY = ["recipe=mstar", "model.aggregator.dim=32", "model.embed_dim=32", "model.
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli") / "c"
-    assert cli(["synth", str(root), "--patients", "16", "--seed", "2", "--dim", "32", "--genes", "100",
-                "--min-side", "10", "--max-side", "12"]) == 0
-    return root
+def cohort(tmp_path_factory, make_synth_cohort):
+    return make_synth_cohort(tmp_path_factory.mktemp("cli") / "c", patients=16, seed=2, genes=100, max_side=12)
 
 
 def test_top_level_help_imports_no_heavy_module():

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from slidefm.cli import main as cli
 from slidefm.config import register_configs
 
 # Tiny model sizes so every recipe trains in seconds on a CPU; everything else is the recipe's own.
@@ -28,16 +27,8 @@ COMMON = ["data.batch_size=8", "trainer.log_every_n_steps=1", "trainer.progress_
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort") / "c"
-    assert cli(["synth", str(root), "--patients", "40", "--seed", "3", "--dim", "32", "--genes", "200",
-                "--min-side", "10", "--max-side", "16"]) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_text_dir(tmp_path_factory, make_tiny_bert):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert"))
+def cohort(tmp_path_factory, make_synth_cohort):
+    return make_synth_cohort(tmp_path_factory.mktemp("cohort") / "c")
 
 
 def compose_cfg(recipe: str, cohort, run_dir, *extra: str, text_dir=None, drop: tuple[str, ...] = ()):

@@ -43,6 +43,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
 
 
+@pytest.fixture
+def no_tf32():
+    """TF32 off for matmuls and cuDNN during the test (plain fp32 to compare against), restored afterwards."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.fixture(autouse=True)
 def _cuda_or_fail():
     """With SLIDEFM_GPU_TESTS=require, a missing CUDA device fails every test instead of skipping it."""

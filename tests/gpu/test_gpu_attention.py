@@ -28,15 +28,7 @@ TOL = {torch.float32: (1e-4, 5e-4), torch.bfloat16: (2e-2, 4e-2)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 H, DH = 4, 64
 ALIBI_BACKENDS = [b for b in BACKENDS if importlib.import_module(_MODULES[b]).SUPPORTS_ALIBI]
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """fp32 comparisons without TF32 (restored afterwards)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("no_tf32")  # fp32 comparisons without TF32
 
 
 def offsets(lens, device="cuda"):

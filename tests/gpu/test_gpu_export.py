@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from test_train import compose_cfg
 
 REL_TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("no_tf32")  # both exports in plain fp32
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from slidefm.cli import main as cli
-
-    root = tmp_path_factory.mktemp("gpu-export-cohort") / "c"
-    assert cli(["synth", str(root), "--patients", "12", "--seed", "5", "--dim", "32", "--genes", "50",
-                "--min-side", "10", "--max-side", "30"]) == 0
-    return root
+def cohort(tmp_path_factory, make_synth_cohort):
+    return make_synth_cohort(tmp_path_factory.mktemp("gpu-export-cohort") / "c", patients=12, seed=5, genes=50,
+                             max_side=30)
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +35,6 @@ def checkpoints(cohort, tmp_path_factory, make_tiny_bert):
         train(cfg)
         out[recipe] = run / "checkpoints" / "last.ckpt"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def close(a: np.ndarray, b: np.ndarray, what: str) -> None:

@@ -21,18 +21,8 @@ GPU = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-m
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from slidefm.cli import main as cli
-
-    root = tmp_path_factory.mktemp("gpu-cohort") / "c"
-    assert cli(["synth", str(root), "--patients", "40", "--seed", "3", "--dim", "32", "--genes", "200",
-                "--min-side", "10", "--max-side", "16"]) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_text_dir(tmp_path_factory, make_tiny_bert):
-    return make_tiny_bert(tmp_path_factory.mktemp("bert"))
+def cohort(tmp_path_factory, make_synth_cohort):
+    return make_synth_cohort(tmp_path_factory.mktemp("gpu-cohort") / "c")  # test_train's cohort
 
 
 def train_observed(cfg, monkeypatch):
