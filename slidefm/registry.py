@@ -124,12 +124,33 @@ def check_choices(cfg: Any, where: str = "", cls: type | None = None) -> None:
             raise OptionError(f"{where}{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
 
 
+class _Schemas:
+    """Where pickle finds schema classes in any process: ``schemas.<module/path:Qual.Name>`` rebuilds the
+    schema of that config class on demand, so a config composed in one process (submitit pickles it for
+    the SLURM job) unpickles in a fresh one that never built the schema."""
+
+    def __getattr__(self, name: str) -> type:
+        if name.startswith("__") or ":" not in name:
+            raise AttributeError(name)
+        import importlib
+
+        mod, _, qual = name.partition(":")
+        obj: Any = importlib.import_module(mod.replace("/", "."))
+        for part in qual.split("+"):
+            obj = getattr(obj, part)
+        return omegaconf_schema(obj)
+
+
+schemas = _Schemas()
+
+
 def omegaconf_schema(cls: type) -> type:
     """``cls`` with every ``Literal`` field typed as its values' type, for OmegaConf (which has no ``Literal``);
     nested config dataclasses likewise. ``cls`` itself when it has no such field.
 
     The allowed values stay declared once, in ``cls``; :func:`check_choices` enforces them at build. The
-    schema is cached on ``cls`` under a name pickle can find (submitit pickles composed configs)."""
+    schema is cached on ``cls`` and named so that pickle finds it through :data:`schemas` in any process
+    (submitit pickles composed configs)."""
     if "_OmegaConfSchema" in cls.__dict__:
         return cls.__dict__["_OmegaConfSchema"]
     hints = typing.get_type_hints(cls)
@@ -156,8 +177,8 @@ def omegaconf_schema(cls: type) -> type:
     schema = cls
     if changed:
         schema = dataclasses.make_dataclass(cls.__name__, specs)
-        schema.__module__ = cls.__module__
-        schema.__qualname__ = f"{cls.__qualname__}._OmegaConfSchema"
+        schema.__module__ = __name__
+        schema.__qualname__ = f"schemas.{cls.__module__.replace('.', '/')}:{cls.__qualname__.replace('.', '+')}"
         schema.__doc__ = cls.__doc__
     cls._OmegaConfSchema = schema  # type: ignore[attr-defined]
     return schema

@@ -363,3 +363,25 @@ def test_every_registered_component_has_a_contract_case():
     assert set(MODALITY_ENCODERS.names()) == TOWERS, "add the new modality tower to _tower_case"
     assert set(OBJECTIVES.names()) == OBJECTIVE_CASES, "add the new objective to _objective_case"
     assert AGGREGATORS.names() and CASE_MODELS.names()  # these two share one interface: no per-name case
+
+
+def test_composed_config_unpickles_in_a_fresh_process(tmp_path):
+    """submitit pickles the composed config for the SLURM job: its schema classes must resolve in a process
+    that never built them."""
+    import pickle
+    import subprocess
+    import sys
+
+    from hydra import compose, initialize_config_module
+
+    from slidefm.config import register_configs
+
+    register_configs()
+    with initialize_config_module("slidefm.recipes", version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=moozy_stage1", f"data.cohort={tmp_path}", f"run_dir={tmp_path}"])
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    code = ("import pickle, sys; c = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(c.model.aggregator.pos, c._metadata.object_type.__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg.pkl")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["alibi", "TrainConfig"]
