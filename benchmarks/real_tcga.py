@@ -180,6 +180,28 @@ def write_json(doc: dict) -> None:
     os.replace(tmp, RESULTS)
 
 
+def markdown(doc: dict) -> str:
+    """The README table: one row per run and split, mean pooling first, deltas in brackets."""
+    tasks = list(PRIMARY)
+    head = "| embedding | folds | " + " | ".join(tasks) + " | mean Δ |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for split in ("patient", "site"):
+        base = doc.get("mean_pool", {}).get(split)
+        if not base:
+            continue
+        lines.append(f"| mean pooling | {split} | " + " | ".join(f"{base[t]['value']:.3f}" for t in tasks) + " | |")
+        for name, r in doc.get("runs", {}).items():
+            if "refused" in r or split not in r:
+                continue
+            d = r["delta_vs_mean_pool"][split]
+            cells = [f"{r[split][t]['value']:.3f} ({d[t]:+.3f})" for t in tasks]
+            lines.append(f"| `{name}` | {split} | " + " | ".join(cells) + f" | {np.mean(list(d.values())):+.3f} |")
+    for name, r in doc.get("runs", {}).items():
+        if "refused" in r:
+            lines.append(f"\n`{name}`: refused ({r['refused']})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hipt", required=True, type=Path, help="local checkout of mahmoodlab/HIPT at c22f0ecf")
@@ -191,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra Hydra override for every run, e.g. model.input_norm=none (use TAG to name variants)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/BLAS threads per step (bags are tiny: 1 thread is fastest on a busy CPU)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return 0
     ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     work = args.work.resolve()
     cohort = work / "cohort"
