@@ -134,7 +134,7 @@ def test_valid_cohort_passes_with_summary(tmp_path, capsys):
     assert "patients with report: 66.7%" in out
     assert "patients with expression: 100.0% (counts)" in out
     assert "labelled for task subtype: 100.0%" in out
-    assert "slides per site: A 4, B 2" in out
+    assert "slides per site (2 sites): A 4, B 2" in out
     assert "OK: 0 error(s), 0 warning(s)" in out
 
 
@@ -203,3 +203,14 @@ def test_trident_layout_accepted(tmp_path, capsys):
     code, out = run_check(capsys, root)
     assert code == 0, out
     assert "3 slides, 2 patients" in out and "feature dim D: 32 (float32 x3)" in out
+
+
+def test_check_names_only_the_largest_sites():
+    """TCGA has ~500 tissue source sites: the summary names the 12 largest and counts the rest."""
+    from slidefm.commands.check import format_summary
+
+    sites = {f"S{i:03d}": 1000 - i for i in range(40)}
+    summary = {"root": "c", "slides": 40, "patients": 40, "slides_per_site": sites}
+    line = next(x for x in format_summary(summary) if "per site" in x)
+    assert line.startswith("  slides per site (40 sites): S000 1000, S001 999")
+    assert "S011 989 (+28 more sites)" in line and "S012" not in line

@@ -50,8 +50,15 @@ def format_summary(s: dict) -> list[str]:
     for name, share in s.get("share_with_label", {}).items():
         lines.append(f"  labelled for task {name}: {_pct(share)}")
     if "slides_per_site" in s:
-        lines.append("  slides per site: " + ", ".join(f"{k} {v}" for k, v in s["slides_per_site"].items()))
+        sites = list(s["slides_per_site"].items())
+        # Real cohorts have hundreds of sites (TCGA: ~500 tissue source sites): name the largest only.
+        more = f" (+{len(sites) - _SITES_SHOWN} more sites)" if len(sites) > _SITES_SHOWN else ""
+        lines.append(f"  slides per site ({len(sites)} sites): "
+                     + ", ".join(f"{k} {v}" for k, v in sites[:_SITES_SHOWN]) + more)
     return lines
+
+
+_SITES_SHOWN = 12
 
 
 def format_geometry(g: dict) -> list[str]:
