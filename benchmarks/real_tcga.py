@@ -204,8 +204,8 @@ def markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hipt", required=True, type=Path, help="local checkout of mahmoodlab/HIPT at c22f0ecf")
-    ap.add_argument("--work", required=True, type=Path, help="working directory (cohort, runs, embeddings, evals)")
+    ap.add_argument("--hipt", type=Path, help="local checkout of mahmoodlab/HIPT at c22f0ecf")
+    ap.add_argument("--work", type=Path, help="working directory (cohort, runs, embeddings, evals)")
     ap.add_argument("--runs", nargs="*", default=["slidefm:300", "slidefm:1000"],
                     help="RECIPE:STEPS[:TAG] to pretrain label-free, export and evaluate")
     ap.add_argument("--splits", nargs="+", default=["patient", "site"], choices=["patient", "site"])
@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
     args = ap.parse_args(argv)
     if args.table:
+        if not RESULTS.exists():
+            ap.error(f"{RESULTS} not found: run the benchmark first")
         print(markdown(json.loads(RESULTS.read_text())))
         return 0
+    if args.hipt is None or args.work is None:
+        ap.error("--hipt and --work are required (except with --table)")
     ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     work = args.work.resolve()
     cohort = work / "cohort"
