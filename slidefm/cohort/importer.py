@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from slidefm.cohort import h5
 from slidefm.errors import SlidefmError
 from slidefm.io_utils import atomic_path
 
@@ -71,29 +72,14 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def load_bag(path: Path) -> np.ndarray:
-    """(N, D) float features of a ``.pt`` tensor bag (loaded with weights_only) or an HDF5 ``features``."""
-    if path.suffix == ".pt":
-        import torch
-
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad bag
-            raise SlidefmError(f"{path}: cannot load as a tensor bag ({e})") from None
-        if not isinstance(t, torch.Tensor):
-            raise SlidefmError(f"{path}: holds a {type(t).__name__}, expected a tensor (N, D)")
-        a = t.detach().numpy()
-    else:
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise SlidefmError(f"{path}: no 'features' dataset")
-            a = f["features"][()]
-    if a.ndim == 3 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2 or a.shape[0] == 0:
-        raise SlidefmError(f"{path}: features have shape {a.shape}, expected (N, D) with N > 0")
-    if a.dtype.kind != "f":
-        raise SlidefmError(f"{path}: features have dtype {a.dtype}, expected float")
-    if not np.isfinite(a).all():
+    """(N, D) features of a bag in its stored dtype: a ``.pt`` tensor or an HDF5 ``features`` dataset, read
+    through the cohort's own slide-file reader (``weights_only=True`` for torch files)."""
+    try:
+        with h5.SlideSource(path) as src:
+            a = src.features()
+    except h5.SlideFileError as e:
+        raise SlidefmError(f"{path}: {e}") from None
+    if len(h5.nonfinite_rows(a)):
         raise SlidefmError(f"{path}: features hold NaN/Inf")
     return a
 
