@@ -150,30 +150,52 @@ def run_model(spec: str, cohort: Path, work: Path, overrides: list[str]) -> tupl
     return emb, info
 
 
-def evaluate(emb: Path, cohort: Path, out: Path, split: str, logf: Path) -> pd.DataFrame:
+def eval_dir(work: Path, name: str, split: str, seed: int) -> Path:
+    # Seed 0 keeps the original layout, so results of earlier single-seed runs are reused.
+    return work / "eval" / name / split / ("" if seed == 0 else f"seed{seed}")
+
+
+def evaluate(emb: Path, cohort: Path, out: Path, split: str, seed: int, baseline: bool, logf: Path) -> pd.DataFrame:
+    """`slidefm eval` on one fold assignment (``seed``); bootstrap CIs on seed 0 only (the others give means)."""
     res = out / "results.csv"
     if not res.exists():
         sh([sys.executable, "-m", "slidefm", "eval", "--embeddings", str(emb), "--cohort", str(cohort), "--out",
-            str(out), "--protocols", "linear_probe", "cox", "--bootstrap", "200", "--no-plots", "--split-by", split,
-            "--model-name", "model"], logf)
+            str(out), "--protocols", "linear_probe", "cox", "--bootstrap", "200" if seed == 0 else "0", "--no-plots",
+            "--split-by", split, "--seed", str(seed), "--model-name", "model", *([] if baseline else ["--no-baseline"])],
+           logf)
     return pd.read_csv(res)
 
 
-def summarise(df: pd.DataFrame, model: str) -> dict:
+def baseline_rows(work: Path, split: str, seed: int) -> pd.DataFrame | None:
+    """Mean-pooling rows for this fold assignment from any run's eval that computed them (they do not
+    depend on the run), so each (split, seed) baseline is fitted once."""
+    for res in sorted((work / "eval").glob(f"*/{split}/{'' if seed == 0 else f'seed{seed}/'}results.csv")):
+        df = pd.read_csv(res)
+        if (df["model"] == "mean_pool").any():
+            return df
+    return None
+
+
+def summarise(dfs: list[pd.DataFrame], model: str) -> dict:
+    """Per task: the mean over fold seeds (``value``), each seed's figure, and seed 0's bootstrap CI."""
     out = {}
     for task, metric in PRIMARY.items():
-        r = df[(df["task"] == task) & (df["metric"] == metric) & (df["model"] == model)]
-        if len(r):
-            out[task] = {"value": round(float(r["mean"].iloc[0]), 4), "ci": [round(float(r["ci_low"].iloc[0]), 4),
-                                                                          round(float(r["ci_high"].iloc[0]), 4)],
-                         "n": int(r["n"].iloc[0])}
+        rs = [df[(df["task"] == task) & (df["metric"] == metric) & (df["model"] == model)] for df in dfs]
+        if all(len(r) for r in rs):
+            vals = [float(r["mean"].iloc[0]) for r in rs]
+            out[task] = {"value": round(float(np.mean(vals)), 4), "per_seed": [round(v, 4) for v in vals],
+                         "ci": [round(float(rs[0]["ci_low"].iloc[0]), 4), round(float(rs[0]["ci_high"].iloc[0]), 4)],
+                         "n": int(rs[0]["n"].iloc[0])}
     return out
 
 
 def write_json(doc: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    runs = {**old.get("runs", {}), **doc.get("runs", {})}
+    # A rerun that only re-evaluates (the embedding exists) keeps the stored training times.
+    runs = {**old.get("runs", {})}
+    for name, r in doc.get("runs", {}).items():
+        runs[name] = {**runs.get(name, {}), **r}
     doc = {**old, **doc, "runs": runs}
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
@@ -184,7 +206,9 @@ def markdown(doc: dict) -> str:
     """The README table: one row per run and split, mean pooling first, deltas in brackets."""
     tasks = list(PRIMARY)
     head = "| embedding | folds | " + " | ".join(tasks) + " | mean Δ |"
-    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    seeds = sorted({r.get("eval_seeds", 1) for r in doc.get("runs", {}).values() if "refused" not in r})
+    lines = [f"Each figure is the mean over {'/'.join(map(str, seeds))} fold assignment(s) (eval seeds); "
+             "Δ is paired per assignment.", "", head, "|" + "---|" * (len(tasks) + 3)]
     for split in ("patient", "site"):
         base = doc.get("mean_pool", {}).get(split)
         if not base:
@@ -211,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="+", default=["patient", "site"], choices=["patient", "site"])
     ap.add_argument("--override", action="append", default=[],
                     help="extra Hydra override for every run, e.g. model.input_norm=none (use TAG to name variants)")
+    ap.add_argument("--eval-seeds", type=int, default=3,
+                    help="fold assignments (eval seeds 0..N-1) each embedding is evaluated on; figures are their "
+                         "mean and deltas are paired per seed (centre-held-out folds move a lot with the seed)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/BLAS threads per step (bags are tiny: 1 thread is fastest on a busy CPU)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
@@ -229,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
                  "tasks": {t["name"]: PRIMARY[t["name"]] for t in TASKS}}
     doc["cohort"] = build_cohort(args.hipt.resolve(), cohort)
     runs: dict = {}
-    base_done = False
     for spec in args.runs:
         try:
             emb, info = run_model(spec, cohort, work, args.override)
@@ -238,18 +264,25 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{spec}: refused: {e}")
             continue
         name = emb.stem
-        for split in args.splits:
-            df = evaluate(emb, cohort, work / "eval" / name / split, split, work / "logs" / f"{name}.log")
-            info[split] = summarise(df, "model")
-            if not base_done or split not in doc.get("mean_pool", {}):
-                doc.setdefault("mean_pool", {})[split] = summarise(df, "mean_pool")
-        base_done = True
         deltas = {}
         for split in args.splits:
-            d = {t: round(info[split][t]["value"] - doc["mean_pool"][split][t]["value"], 4)
-                 for t in info[split] if t in doc["mean_pool"][split]}
-            deltas[split] = d
+            dfs, bases = [], []
+            for seed in range(args.eval_seeds):
+                base = baseline_rows(work, split, seed)
+                df = evaluate(emb, cohort, eval_dir(work, name, split, seed), split, seed, base is None,
+                              work / "logs" / f"{name}.log")
+                dfs.append(df)
+                bases.append(df if base is None else base)
+            info[split] = summarise(dfs, "model")
+            doc.setdefault("mean_pool", {})[split] = summarise(bases, "mean_pool")
+            # Paired: each seed's model figure minus mean pooling on the same folds, then averaged.
+            per = {t: [round(m - b, 4) for m, b in zip(info[split][t]["per_seed"],
+                                                       doc["mean_pool"][split][t]["per_seed"])]
+                   for t in info[split] if t in doc["mean_pool"][split]}
+            deltas[split] = {t: round(float(np.mean(v)), 4) for t, v in per.items()}
+            info.setdefault("delta_per_seed", {})[split] = per
         info["delta_vs_mean_pool"] = deltas
+        info["eval_seeds"] = args.eval_seeds
         info["mean_delta"] = round(float(np.mean([v for d in deltas.values() for v in d.values()])), 4)
         runs[name] = info
         log(f"{name}: {json.dumps(info)}")
