@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import run_child, write_atomic
+from _common import growth, rss_now_mb, run_child, window_stats, write_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -64,41 +64,7 @@ MODES = {
 }
 
 
-def window_stats(rows: list[dict], window: int) -> list[dict]:
-    """Per ``window`` steps: mean step time, share of CPU time in the kernel, minor faults per step."""
-    out = []
-    for start in range(0, len(rows), window):
-        w = rows[start:start + window]
-        if not w:
-            break
-        wall = sum(r["wall_s"] for r in w)
-        user = sum(r["user_s"] for r in w)
-        sys_ = sum(r["sys_s"] for r in w)
-        out.append({"steps": [w[0]["step"], w[-1]["step"]], "mean_step_s": wall / len(w),
-                    "median_step_s": sorted(r["wall_s"] for r in w)[len(w) // 2],
-                    "mean_cpu_s": (user + sys_) / len(w),  # robust to other processes sharing the cores
-                    "sys_share": sys_ / (user + sys_) if user + sys_ > 0 else None,
-                    "minflt_per_step": sum(r["minflt"] for r in w) / len(w),
-                    "rss_mb_end": w[-1]["rss_mb"], "rss_now_mb_end": w[-1].get("rss_now_mb")})
-    return out
-
-
-def growth(curve: list[dict], skip_first: bool = True) -> float | None:
-    """Last window's mean step time over the first steady window's (window 1 when there are >2: warm-up)."""
-    if len(curve) < 2:
-        return None
-    first = curve[1] if skip_first and len(curve) > 2 else curve[0]
-    return curve[-1]["mean_step_s"] / first["mean_step_s"]
-
-
 # ---------------------------------------------------------------- child: one training run
-def _rss_now_mb() -> float | None:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def child(args) -> dict:
     import pytorch_lightning as pl
     from hydra import compose, initialize_config_module
@@ -118,7 +84,7 @@ def child(args) -> dict:
             rows.append({"step": trainer.global_step, "wall_s": time.perf_counter() - self.t,
                          "user_s": ru.ru_utime - self.ru.ru_utime, "sys_s": ru.ru_stime - self.ru.ru_stime,
                          "minflt": ru.ru_minflt - self.ru.ru_minflt, "rss_mb": ru.ru_maxrss / 1024,
-                         "rss_now_mb": _rss_now_mb()})
+                         "rss_now_mb": rss_now_mb()})
             log_file.write(json.dumps(rows[-1]) + "\n")
 
     make_trainer = run_mod.make_trainer

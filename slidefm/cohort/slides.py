@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,11 +85,46 @@ def read_slide_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarra
 read_h5_arrays = read_slide_arrays  # the earlier name
 
 
+@dataclass
+class SlideRows:
+    """Part of one slide: every patch's grid position, and the float32 features of chosen rows only."""
+
+    slide_id: str
+    positions: np.ndarray  # (N, 2) int64 grid (col, row) of every patch (zeros for a features-only bag)
+    has_positions: bool
+    rows: np.ndarray | None  # (k,) sorted unique row indices of ``features``; None = every row
+    features: np.ndarray  # (k, D) float32 (N rows when ``rows`` is None)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Features of slide rows ``idx`` (each one of ``rows``), in the order of ``idx``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.features[idx] if self.rows is None else self.features[np.searchsorted(self.rows, idx)]
+
+
+RowSelector = Callable[[np.ndarray], "np.ndarray | None"]
+
+
+def _rows_from(selected) -> np.ndarray | None:
+    return None if selected is None else np.unique(np.asarray(selected, dtype=np.int64))
+
+
 class SlideReader:
     """Reads one slide by id; subclasses are picklable so DataLoader workers can each hold one."""
 
     def read(self, slide_id: str) -> SlideData:
         raise NotImplementedError
+
+    def read_rows(self, slide_id: str, select: RowSelector) -> SlideRows:
+        """Positions of every patch, then features of the rows ``select(positions)`` returns (None: all).
+
+        Training crops need a few hundred rows of a slide of ~10k; readers that can read part of a
+        file override this (``H5SlideReader``). This fallback reads the whole slide.
+        """
+        sd = self.read(slide_id)
+        pos = sd.positions.numpy()
+        rows = _rows_from(select(pos))
+        feats = sd.features.numpy()
+        return SlideRows(slide_id, pos, sd.has_positions, rows, feats if rows is None else feats[rows])
 
     def __call__(self, slide_id: str) -> SlideData:
         return self.read(slide_id)
@@ -111,6 +146,22 @@ class H5SlideReader(SlideReader):
         if grid is None:
             return slide_data(slide_id, feats, None, None, 0, header.patch_size_level0)
         return slide_data(slide_id, feats, coords, grid.positions, grid.step, header.patch_size_level0)
+
+    def read_rows(self, slide_id: str, select: RowSelector) -> SlideRows:
+        path = Path(self.paths[slide_id])
+        try:
+            with h5.SlideSource(path) as src:
+                header = src._need_header()
+                coords = src.coords()
+                # Same grid (and the same refusal of an implausible one) as read().
+                pos = np.zeros((header.n, 2), np.int64) if coords is None else slide_grid(coords, header).positions
+                rows = _rows_from(select(pos))
+                feats = src.features() if rows is None else src.feature_rows(rows)
+        except h5.SlideFileError as e:
+            raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None
+        # torch's float16 -> float32 cast is several times faster than numpy's (see slide_data)
+        feats = torch.from_numpy(np.ascontiguousarray(feats)).to(torch.float32).numpy()
+        return SlideRows(slide_id, np.ascontiguousarray(pos, dtype=np.int64), coords is not None, rows, feats)
 
 
 def _display(p: Path, root: Path) -> str:

@@ -42,19 +42,52 @@ def select_tokens(n: int, positions: np.ndarray, cfg: DataConfig, rng: np.random
     raise AssertionError(cfg.tokens)  # every allowed value is handled above
 
 
+_BLAS: dict[int, Any] = {}  # pid -> threadpoolctl controller (built once per process: it scans loaded libraries)
+
+
+def one_blas_thread():
+    """Context that runs BLAS on one thread: views are many tiny GEMMs ((~256, D) @ (D, 8)) where waking a
+    thread pool costs several times the arithmetic (8x measured on 2 cores), and with ``num_workers=0``
+    the pool would also contend with the training threads. DataLoader workers are limited already."""
+    import os
+
+    from threadpoolctl import ThreadpoolController
+
+    pid = os.getpid()
+    if pid not in _BLAS:
+        _BLAS.clear()  # a forked worker does not reuse its parent's controller
+        _BLAS[pid] = ThreadpoolController()
+    return _BLAS[pid].limit(limits=1, user_api="blas")
+
+
 class PatientDataset(Dataset):
+    """``reader``: a Cohort (its picklable ``reader`` is used) or a SlideReader.
+
+    ``slide_tokens=False``: no objective reads the slide branch (``Batch.slides``), e.g. masked
+    self-distillation alone on a features-only cohort. Items then carry no slide tokens (the batch's
+    ``slides`` hold zero tokens per slide) and only the rows the views crop are read from each file:
+    a few hundred of a TCGA-sized slide's ~10k x 1024, instead of the whole slide converted to float32.
+    """
+
     def __init__(self, reader, patient_ids: list[str], slides_of: dict[str, list[str]], cfg: DataConfig,
-                 train: bool = True):
-        self.reader = reader
+                 train: bool = True, slide_tokens: bool = True):
+        self.reader = getattr(reader, "reader", reader)  # a Cohort's SlideReader: what workers need
         self.patient_ids = list(patient_ids)
         self.slides_of = slides_of
         self.cfg = cfg
         self.train = train
+        self.slide_tokens = slide_tokens
+        if not slide_tokens and cfg.views is None:
+            raise ValueError("slide_tokens=False needs data.views: the items would hold no tokens at all")
 
     def __len__(self) -> int:
         return len(self.patient_ids)
 
     def __getitem__(self, key) -> dict[str, Any]:
+        with one_blas_thread():
+            return self._item(key)
+
+    def _item(self, key) -> dict[str, Any]:
         if isinstance(key, (tuple, list)):
             index, seed = int(key[0]), int(key[1])
         else:
@@ -71,18 +104,39 @@ class PatientDataset(Dataset):
         slides, views = [], []
         has_positions = True
         for sid in sids:
-            sd = self.reader.read_slide(sid)
-            f, p = sd.features, sd.positions
-            has_positions &= sd.has_positions
-            idx = select_tokens(len(f), p, self.cfg, rng)
-            if idx is None:
-                slides.append((sid, f, p))
-            else:
-                slides.append((sid, f[idx], p[idx]))
-            if self.cfg.views is not None:
-                from slidefm.data.views import make_views
+            plan: dict[str, Any] = {}
 
-                views.append(make_views(f, p, self.cfg.views, rng))
+            def select(positions: np.ndarray) -> np.ndarray | None:
+                # Token choice, then view geometry, from positions alone; the reader then reads the rows
+                # these need (None: every row, for the whole slide branch).
+                idx = select_tokens(len(positions), positions, self.cfg, rng) if self.slide_tokens else None
+                vplans = None
+                if self.cfg.views is not None:
+                    from slidefm.data.views import plan_rows, plan_views
+
+                    vplans = plan_views(positions, self.cfg.views, rng)
+                plan.update(idx=idx, views=vplans)
+                if self.slide_tokens and idx is None:
+                    return None
+                parts = [plan_rows(vplans)] if vplans is not None else []
+                if self.slide_tokens:
+                    parts.append(idx)
+                return np.concatenate(parts)
+
+            part = self.reader.read_rows(sid, select)
+            has_positions &= part.has_positions
+            idx = plan["idx"]
+            if not self.slide_tokens:
+                dim = part.features.shape[1]
+                slides.append((sid, np.zeros((0, dim), np.float32), np.zeros((0, 2), np.int64)))
+            elif idx is None:
+                slides.append((sid, part.features, part.positions))  # rows is None: every row, in order
+            else:
+                slides.append((sid, part.take(idx), part.positions[idx]))
+            if plan["views"] is not None:
+                from slidefm.data.views import finish_views
+
+                views.append(finish_views(part.take, plan["views"], self.cfg.views, rng))
         return {"patient_id": pid, "slides": slides, "views": views, "has_positions": has_positions}
 
 

@@ -27,7 +27,11 @@ __all__ = [
     "feature_dropout",
     "gaussian_noise",
     "SlideViews",
+    "ViewPlan",
+    "finish_views",
     "make_views",
+    "plan_rows",
+    "plan_views",
     "random_crop",
     "random_dihedral",
     "region_crop",
@@ -316,55 +320,78 @@ class SlideViews:
         return len(self.global_views) + len(self.local_views)
 
 
-def _finish_view(
-    features: np.ndarray,
-    idx: np.ndarray,
-    pos: np.ndarray,
-    cfg: ViewConfig,
-    rng: np.random.Generator,
-    masked: bool,
-    kind: str,
-) -> View:
-    keep = subsample(len(idx), cfg.max_tokens, rng)
-    keep = keep[token_dropout(len(keep), cfg.token_dropout, rng)]
-    idx, pos = idx[keep], pos[keep]
-    if masked:
-        m = block_mask(pos, rng, cfg.mask_ratio, min_block=cfg.min_block)
-    else:
-        m = np.zeros(len(idx), dtype=bool)
-    if cfg.dihedral:
-        pos = random_dihedral(pos, rng)
-    f = features[idx].astype(np.float32, copy=True)
-    if cfg.stain_jitter > 0:
-        f = stain_jitter(f, cfg.stain_jitter, rng, cfg.stain_dirs)
-    if cfg.noise_std > 0:
-        f = gaussian_noise(f, cfg.noise_std, rng)  # in units of the view's own per-dim std
-    if cfg.feature_dropout > 0:
-        f = feature_dropout(f, cfg.feature_dropout, rng)
-    return View(idx, pos, m, f, kind)
+@dataclass
+class ViewPlan:
+    """Where one view lies in its slide, drawn from positions alone (no feature values needed)."""
+
+    kind: str  # "global" | "local"
+    indices: np.ndarray  # (n,) int64 rows of the slide
+    positions: np.ndarray  # (n, 2) int64, re-based to the crop (and possibly flipped/rotated)
+    token_mask: np.ndarray  # (n,) bool, True = masked
+
+
+def plan_views(positions: np.ndarray, cfg: ViewConfig, rng: np.random.Generator) -> list[ViewPlan]:
+    """The rows, positions and masks of ``cfg.n_global`` global and ``cfg.n_local`` local views.
+
+    Per view: region crop -> ``max_tokens`` subsample -> token dropout -> block mask (global views,
+    with probability ``cfg.mask_prob``; local views never) -> grid transform. Only positions are
+    needed, so a reader can fetch just the union of the views' rows (:func:`plan_rows`).
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) == 0:
+        raise ValueError("cannot make views of a slide without tokens")
+    plans: list[ViewPlan] = []
+    for kind, n, size in (("global", cfg.n_global, cfg.global_size), ("local", cfg.n_local, cfg.local_size)):
+        if n <= 0:
+            continue
+        for idx, pos in region_crop(positions, size, rng, cfg.min_tissue, n=n):
+            masked = kind == "global" and cfg.mask_prob > 0 and rng.random() < cfg.mask_prob
+            keep = subsample(len(idx), cfg.max_tokens, rng)
+            keep = keep[token_dropout(len(keep), cfg.token_dropout, rng)]
+            idx, pos = idx[keep], pos[keep]
+            if masked:
+                m = block_mask(pos, rng, cfg.mask_ratio, min_block=cfg.min_block)
+            else:
+                m = np.zeros(len(idx), dtype=bool)
+            if cfg.dihedral:
+                pos = random_dihedral(pos, rng)
+            plans.append(ViewPlan(kind, idx, pos, m))
+    return plans
+
+
+def plan_rows(plans: list[ViewPlan]) -> np.ndarray:
+    """Sorted unique slide rows the planned views read."""
+    if not plans:
+        return np.zeros(0, np.int64)
+    return np.unique(np.concatenate([p.indices for p in plans]))
+
+
+def finish_views(take, plans: list[ViewPlan], cfg: ViewConfig, rng: np.random.Generator) -> SlideViews:
+    """Views from their plans; ``take(indices)`` returns the slide's feature rows ``indices``.
+
+    Feature-space augmentations per view: stain jitter -> Gaussian noise -> feature dropout.
+    """
+    out = SlideViews([], [])
+    for p in plans:
+        f = np.array(take(p.indices), dtype=np.float32, copy=True)
+        if cfg.stain_jitter > 0:
+            f = stain_jitter(f, cfg.stain_jitter, rng, cfg.stain_dirs)
+        if cfg.noise_std > 0:
+            f = gaussian_noise(f, cfg.noise_std, rng)  # in units of the view's own per-dim std
+        if cfg.feature_dropout > 0:
+            f = feature_dropout(f, cfg.feature_dropout, rng)
+        view = View(p.indices, p.positions, p.token_mask, f, p.kind)
+        (out.global_views if p.kind == "global" else out.local_views).append(view)
+    return out
 
 
 def make_views(
     features: np.ndarray, positions: np.ndarray, cfg: ViewConfig, rng: np.random.Generator
 ) -> SlideViews:
-    """``cfg.n_global`` global and ``cfg.n_local`` local views of one slide.
-
-    Pipeline per view: region crop -> ``max_tokens`` subsample -> token dropout -> block mask
-    (global views, with probability ``cfg.mask_prob``; local views never) -> grid transform ->
-    stain jitter -> Gaussian noise -> feature dropout.
-    """
+    """``cfg.n_global`` global and ``cfg.n_local`` local views of one slide: :func:`plan_views` (all
+    geometry first, from positions), then :func:`finish_views` (feature-space augmentations)."""
     features = np.asarray(features)
     positions = np.asarray(positions, dtype=np.int64)
     if len(features) != len(positions):
         raise ValueError(f"{len(features)} feature rows but {len(positions)} positions")
-    if len(features) == 0:
-        raise ValueError("cannot make views of a slide without tokens")
-    out = SlideViews([], [])
-    for kind, n, size in (("global", cfg.n_global, cfg.global_size), ("local", cfg.n_local, cfg.local_size)):
-        if n <= 0:
-            continue
-        views = out.global_views if kind == "global" else out.local_views
-        for idx, pos in region_crop(positions, size, rng, cfg.min_tissue, n=n):
-            masked = kind == "global" and cfg.mask_prob > 0 and rng.random() < cfg.mask_prob
-            views.append(_finish_view(features, idx, pos, cfg, rng, masked, kind))
-    return out
+    return finish_views(lambda idx: features[idx], plan_views(positions, cfg, rng), cfg, rng)

@@ -53,6 +53,12 @@ class SlideFMModule(pl.LightningModule):
         self._val_emb: list[torch.Tensor] = []
         self._t_last: float | None = None
 
+    @property
+    def reads_slides(self) -> bool:
+        """Whether a step encodes ``batch.slides`` (the slide branch); when not, the data pipeline
+        leaves the slide tokens out and reads only the views' rows (PatientDataset(slide_tokens=...))."""
+        return self.contrastive is not None or self.supervised is not None or self.expert is not None
+
     # -- steps ---------------------------------------------------------------------------------
     def _weight(self, name: str) -> float:
         obj = getattr(self, name)
@@ -66,7 +72,7 @@ class SlideFMModule(pl.LightningModule):
             out = self.distillation(self.model.aggregator, batch.views, step=self.global_step)
             terms["distillation"] = out["loss"]
             logs.update({f"distillation/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
-        if self.contrastive is not None or self.supervised is not None or self.expert is not None:
+        if self.reads_slides:
             agg = self.model.encode_slides(batch.slides)
             patient = self.model.encode_patients(agg.slide, batch.patient_offsets)
             patient_z = self.model.project_patients(patient)
@@ -105,7 +111,7 @@ class SlideFMModule(pl.LightningModule):
         if self._t_last is not None:
             dt = max(now - self._t_last, 1e-9)
             self.log("train/slides_per_s", batch.slides.num_slides / dt, batch_size=bs)
-            self.log("train/tokens_per_s", batch.slides.tokens.shape[0] / dt, batch_size=bs)
+            self.log("train/tokens_per_s", batch_tokens(batch) / dt, batch_size=bs)
         self._t_last = now
         if z is not None:
             self._rank_buf.append(z.detach().float().cpu())
@@ -149,6 +155,16 @@ class SlideFMModule(pl.LightningModule):
         checkpoint[checkpoints.SECTION] = checkpoints.metadata(
             self.cfg, in_dim=self.hparams["in_dim"], modality_dims=self.hparams.get("modality_dims"),
             preprocessing=self.preprocessing, tasks=self.hparams.get("tasks"))
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Tokens a training step encodes: the slide branch's plus every student view's."""
+    n = int(batch.slides.tokens.shape[0])
+    if batch.views is not None:
+        n += int(batch.views.global_views.tokens.shape[0])
+        if batch.views.local_views is not None:
+            n += int(batch.views.local_views.tokens.shape[0])
+    return n
 
 
 def _scalar(v) -> bool:

@@ -97,8 +97,11 @@ def build_everything(cfg: DictConfig):
     if cfg.model.report is not None and not text_pre:
         tokenizer = module.model.towers["report"].tokenize
     collate = Collate(tables, tokenizer)
-    train_ds = PatientDataset(cohort, tables.train_ids, slides_of, cfg.data, train=True)
-    val_ds = PatientDataset(cohort, tables.val_ids, slides_of, cfg.data, train=False) if tables.val_ids else None
+    # Without an objective on the slide branch, items carry only the views' crops (and read only their rows).
+    slide_tokens = module.reads_slides or cfg.data.views is None
+    train_ds = PatientDataset(cohort, tables.train_ids, slides_of, cfg.data, train=True, slide_tokens=slide_tokens)
+    val_ds = (PatientDataset(cohort, tables.val_ids, slides_of, cfg.data, train=False, slide_tokens=slide_tokens)
+              if tables.val_ids else None)
     return module, CohortDataModule(train_ds, val_ds, cfg.data, collate), cohort
 
 
