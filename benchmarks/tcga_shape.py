@@ -48,9 +48,9 @@ RESULTS = HERE / "results" / "tcga_shape.json"
 
 MEDIAN, SIGMA, MIN_N, MAX_N, DIM = 10_000, 0.5, 1_000, 27_000, 1024
 
-# Every run: no validation (it would land inside a step's data wait), no periodic checkpoints.
+# Every run: no validation set (its loop would land in the next step's data wait), no periodic checkpoints.
 COMMON = ["trainer.progress_bar=false", "trainer.log_every_n_steps=50", "trainer.val_every_n_steps=null",
-          "data.val_fraction=0.1", "trainer.checkpoint_every_n_steps=1000000"]
+          "data.val_fraction=0", "trainer.checkpoint_every_n_steps=1000000"]
 # recipe name -> overrides. house: recipes/recipe/slidefm.yaml as it is (ViT 128 x 3, batch 16 patients,
 # up to 2 slides each, crops 2 x 16^2 + 2 x 8^2). titan: recipes/recipe/titan.yaml as it is (ViT 768 x 6,
 # 12 heads, ALiBi, batch 16, crops 2 x 14^2 + 4 x 6^2, distillation head at the default 65,536 prototypes).
@@ -236,7 +236,10 @@ def child(args) -> dict:
         cfg = compose("config", overrides=over)
     t0 = time.perf_counter()
     run_mod.train(cfg)
+    import slidefm
+
     return {"wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "overrides": over,
+            "slidefm": str(Path(slidefm.__file__).parent),
             "workers_peak_rss_mb_sampled": timer.children_peak, "steps": rows}
 
 
@@ -323,6 +326,7 @@ def main(argv=None) -> int:
             warm = args.warmup if args.warmup is not None else max(2, n // 10)
             entry.update(summarize(res["steps"], warm, args.window))
             entry["workers_peak_rss_mb_sampled"] = res.get("workers_peak_rss_mb_sampled")
+            entry["slidefm"] = res.get("slidefm")
             entry["per_step"] = [[r["step"], round(r["wall_s"], 4), round(r["wait_s"], 4),
                                   round(r["user_s"] + r["sys_s"], 4), round(r["rss_now_mb"] or 0, 1)]
                                  for r in res["steps"]]
