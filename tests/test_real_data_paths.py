@@ -43,7 +43,9 @@ def test_house_recipe_fits_the_cohorts_modalities(tmp_path, reports, expression,
     assert (cfg.model.report is not None) == reports
     assert (cfg.model.expression is not None) == expression
     assert cfg.objectives.distillation is not None
-    assert len(lines) == (not reports) + (not expression) + (not reports) + (not expression) + (pairs is None)
+    # Without any contrast nothing trains the case transformer: it gives way to pooling the slides.
+    assert (cfg.model.case is None) == (pairs is None)
+    assert len(lines) == (not reports) + (not expression) + (not reports) + (not expression) + 2 * (pairs is None)
     assert all(line in caplog.text for line in lines)
 
 
@@ -66,12 +68,19 @@ def test_features_only_cohort_trains_the_house_recipe(tmp_path):
     out = train(cfg)
     assert out["global_step"] == 3
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
-    assert saved.objectives.contrastive is None and saved.model.report is None
+    assert saved.objectives.contrastive is None and saved.model.report is None and saved.model.case is None
     emb = tmp_path / "p.h5ad"
     assert cli(["export", "--checkpoint", out["checkpoint"], "--cohort", str(root), "--out", str(emb),
                 "--level", "patient"]) == 0
     a = anndata.read_h5ad(emb)
     assert a.n_obs == 6 and np.isfinite(a.X).all()
+    # The patient embedding is the mean of the patient's slide embeddings (no untrained case model).
+    s_emb = tmp_path / "s.h5ad"
+    assert cli(["export", "--checkpoint", out["checkpoint"], "--cohort", str(root), "--out", str(s_emb),
+                "--level", "slide"]) == 0
+    s = anndata.read_h5ad(s_emb)
+    by_patient = pd.DataFrame(s.X, index=s.obs["patient_id"].astype(str)).groupby(level=0).mean()
+    np.testing.assert_allclose(a.X, by_patient.loc[a.obs_names.astype(str)].to_numpy(), rtol=1e-4, atol=1e-5)
     import slidefm
 
     enc = slidefm.load(out["checkpoint"])

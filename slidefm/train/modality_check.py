@@ -2,7 +2,8 @@
 
 A recipe names towers (report, expression, other omics) and contrastive pairs. A modality that is
 absent from the *whole* cohort cannot feed them: its tower and every pair that names it are
-dropped with one info line each, so the house recipe runs on a features-only cohort. Patients
+dropped with one info line each, so the house recipe runs on a features-only cohort; a case
+transformer that no remaining objective would train is replaced by pooling the slides. Patients
 that miss a modality the cohort does have keep working as before (masked per pair). A recipe left
 with no objective at all is refused, naming the files it would need.
 """
@@ -76,6 +77,14 @@ def fit_to_cohort(cfg: DictConfig, cohort) -> list[str]:
                 con.pairs = [pairs[i] for i in keep]
                 if weights is not None:
                     con.pair_weights = [weights[i] for i in keep]
+        # The case transformer learns only from objectives on patient embeddings (contrast, supervision).
+        # Without them it would stay at its random initialisation, and every exported patient embedding
+        # would be a random function of the patient's slide embeddings: pool them instead.
+        if (cfg.model.get("case") is not None and cfg.objectives.get("contrastive") is None
+                and cfg.objectives.get("supervised") is None):
+            cfg.model.case = None
+            lines.append("model.case dropped: no objective trains the patient model (no contrast, no supervision); "
+                         f"patient embeddings are the {cfg.model.get('patient_pool', 'mean')} of slide embeddings")
     if not any(cfg.objectives.get(k) is not None for k in ("contrastive", "distillation", "supervised", "expert")):
         needed = sorted(absent) or ["a modality"]
         files = ", ".join(_expected_file(cohort, n) for n in needed if n != "a modality") or "reports/expression"
