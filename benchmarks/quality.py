@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=20261122, help="cohort seed (never used in development)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra Hydra override for every recipe, e.g. model.aggregator.dim=64 (recorded per row)")
     ap.add_argument("--dir", default="/tmp/slidefm-quality")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     args = ap.parse_args(argv)
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         hydra_main([f"recipe={recipe}", f"data.cohort={cohort}", f"trainer.max_steps={args.steps}",
                     f"data.num_workers={args.workers}", "trainer.progress_bar=false", f"hydra.run.dir={run}",
-                    *CPU_SCALE[recipe]])
+                    *CPU_SCALE[recipe], *args.override])
         train_s = time.perf_counter() - t0
         enc = slidefm.load(run / "checkpoints" / "last.ckpt")
         emb = root / f"patients-{recipe}.h5ad"
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
         res = evaluate(str(emb), str(cohort), out=ev, config=EvalConfig(protocols=["linear_probe", "robustness"],
                                                                          plots=False))
         r = res.results if isinstance(res.results, pd.DataFrame) else pd.read_csv(ev / "results.csv")
-        row = {"recipe": recipe, "steps": args.steps, "train_s": round(train_s, 1), "scale": CPU_SCALE[recipe]}
+        row = {"recipe": recipe, "steps": args.steps, "train_s": round(train_s, 1), "scale": CPU_SCALE[recipe],
+               "overrides": args.override}
         for task in ("immune_pattern", "rare_focus", "subtype"):
             m, b = metric(r, task, "model"), metric(r, task, "mean_pool")
             row[task] = {"model": round(m, 3), "mean_pool": round(b, 3), "gain": round(m - b, 3)}
