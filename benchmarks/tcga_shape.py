@@ -316,6 +316,8 @@ def main(argv=None) -> int:
             res["steps"] = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line]
         entry = {"recipe": recipe, "num_workers": int(w[1:]), "steps": int(steps), "threads": args.threads,
                  "extra_overrides": args.override, "process_wall_s": time.perf_counter() - t,
+                 # allocator settings act at start-up (slidefm.train.memory reads these)
+                 "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("SLIDEFM_MALLOC", "MALLOC_"))},
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "host": {"python": platform.python_version(), "cores": os.cpu_count(), "machine": platform.machine(),
                           "load_avg_at_end": os.getloadavg()}}
