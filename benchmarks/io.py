@@ -1,21 +1,44 @@
-"""Random-access slide reads: packed store vs per-slide HDF5, cold and warm page cache.
+"""Random-access slide reads: packed store vs per-slide HDF5, cold and warm page cache, DataLoader workers.
 
     python benchmarks/io.py                      # 2,000 slides x 1,000 patches x 384-D float16 (~1.5 GB)
-    python benchmarks/io.py --slides 200 --reads 100 --h5-layout rowchunk
+    python benchmarks/io.py --h5-layout rowchunk # HDF5 as TRIDENT/CLAM write it: (1, D) chunks, maxshape (None, D)
+    python benchmarks/io.py --slides 200 --reads 100 --workers 0
 
-The cohort is written once with h5py (reused from --dir on later runs) and packed with
-`slidefm.cohort.pack_cohort`. "Cold" evicts every file from the page cache first (drop_caches
-when permitted, else posix_fadvise(DONTNEED) per file, which needs no privileges). Each mode reads
-the same random sample of slides through `Cohort.read_slide`, i.e. float32 tensors plus grid
-positions, which is what training consumes, with one torch thread as in a DataLoader worker. Prints JSON and writes benchmarks/results/io.json.
+The cohort is written once with h5py (reused from --dir on later runs; contiguous `features` and
+`coords` datasets by default, or row-chunked as TRIDENT's save_h5 and CLAM's save_hdf5 write them) and
+packed with `slidefm.cohort.pack_cohort`. Each cell reads the same random sample of slides through a
+`torch.utils.data.DataLoader` whose items are `Cohort.read_slide(sid)` (float32 features, coords and
+grid positions; HDF5: `H5SlideReader`, which opens the file and computes the grid, as `train` does
+without a store), in the sample's order, with `num_workers` 0 or 2 (forked workers, one torch thread
+each, prefetch_factor 4 as in `slidefm.data.loader`). Every item is sent to the main process (through
+shared memory when workers are used). Worker start-up is not timed: the workers first answer one no-op
+item each, and the reads wait on an event set when the clock starts. With workers, two more cells
+split the cost: `_count` reads each slide in the worker but returns only its patch count (the read
+without the transfer), and `none_warm_nw2_transfer` reads nothing and returns tensors of each slide's
+shapes (the transfer alone: the floor for any format).
+
+"Cold" evicts every file of both formats from the page cache with posix_fadvise(DONTNEED) (no root
+needed and, unlike drop_caches, it leaves other processes' caches alone); `eviction_check` records the
+share of their pages still resident afterwards (mincore) and times a sequential read of the largest
+shard right after eviction and again when cached. "Warm" repeats the cell right after its cold pass,
+so every byte it needs is cached. Each cell runs --repeats times, the formats alternating (cold ones
+re-evicted each time); the median and the best run are reported, with the CPU time per slide
+(main process plus workers, less the workers' start-up), which other jobs on a shared machine disturb
+less than wall time. `device` records the sequential read bandwidth of the largest shard with O_DIRECT
+and buffered from a cold cache (4 MiB requests), for judging whether cold reads are bound by the disk.
+Prints JSON and writes benchmarks/results/io.json (io-rowchunk.json for that layout).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import multiprocessing as mp
 import os
 import platform
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +50,7 @@ import pandas as pd
 import torch
 
 from slidefm.cohort import Cohort, pack_cohort
+from slidefm.cohort.slides import SlideData, slide_tensors
 
 
 def build(root: Path, slides: int, patches: int, dim: int, dtype: str, layout: str, seed: int) -> None:
@@ -39,39 +63,136 @@ def build(root: Path, slides: int, patches: int, dim: int, dtype: str, layout: s
         coords = np.stack([cells % width, cells // width], 1).astype(np.int64) * 512 + 1000
         feats = rng.standard_normal((n, dim), dtype=np.float32).astype(dtype)
         with h5py.File(root / "features" / f"S{i:05d}.h5", "w") as f:
-            # rowchunk: one chunk per patch, the layout of writers that append patch batches
-            chunks = (1, dim) if layout == "rowchunk" else None
-            f.create_dataset("features", data=feats, chunks=chunks, maxshape=(None, dim) if chunks else None)
-            c = f.create_dataset("coords", data=coords)
-            c.attrs["patch_size_level0"] = 512
-            c.attrs["patch_size"] = 256
+            for name, data in (("features", feats), ("coords", coords)):
+                if layout == "rowchunk":
+                    # TRIDENT's save_h5 and CLAM's save_hdf5: one chunk per row, resizable first axis
+                    d = f.create_dataset(name, data=data, chunks=(1,) + data.shape[1:],
+                                         maxshape=(None,) + data.shape[1:])
+                else:
+                    d = f.create_dataset(name, data=data)
+            d.attrs["patch_size_level0"] = 512  # on coords, as TRIDENT writes it
+            d.attrs["patch_size"] = 256
     pd.DataFrame({"slide_id": [f"S{i:05d}" for i in range(slides)],
                   "patient_id": [f"P{i // 2:05d}" for i in range(slides)]}).to_csv(root / "slides.csv", index=False)
 
 
-def evict(paths: list[Path]) -> str:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
+def evict(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fdatasync(fd)  # DONTNEED skips dirty pages: make sure none are left from building/packing
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    return "posix_fadvise(DONTNEED)"
 
 
-def timed_reads(cohort: Cohort, ids: list[str]) -> tuple[float, int]:
+def resident_share(paths: list[Path]) -> float:
+    """Share of the files' pages in the page cache (mincore on a mapping that is never touched)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = total = 0
+    for p in paths:
+        size = p.stat().st_size
+        if not size:
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            pages = (size + page - 1) // page
+            vec = (ctypes.c_ubyte * pages)()
+            libc.mincore(addr, size, vec)
+            libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+        resident += sum(v & 1 for v in vec)
+        total += pages
+    return resident / max(total, 1)
+
+
+def seq_read_mb_s(path: Path, nbytes: int, direct: bool) -> float:
+    """Sequential read of the first ``nbytes`` of ``path`` in 4 MiB requests; MB/s."""
+    block = 4 << 20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        t0, done = time.perf_counter(), 0
+        while done < nbytes:
+            got = os.preadv(fd, [buf], done)
+            if got <= 0:
+                break
+            done += got
+        return done / (time.perf_counter() - t0) / 1e6
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+class Reads(torch.utils.data.Dataset):
+    """One item per slide read; ``workers`` leading no-op items tell that every worker is up.
+
+    ``deliver``: "slide" returns the SlideData (sent to the main process, as a loader does);
+    "count" returns only its patch count (the read's cost without the transfer); "transfer" reads
+    nothing and returns tensors of the slide's shapes (the transfer's cost alone).
+    """
+
+    def __init__(self, cohort: Cohort, ids: list[str], workers: int, go, deliver: str, sizes: dict[str, int]):
+        self.cohort, self.go, self.deliver, self.sizes = cohort, go, deliver, sizes
+        self.items = [None] * workers + list(ids)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        sid = self.items[i]
+        if sid is None:
+            return 0
+        self.go.wait()
+        if self.deliver == "transfer":
+            feats, grid = slide_tensors(self.sizes[sid], self.cohort.feature_dim)
+            return SlideData(sid, feats, grid[0], grid[1], 0, None)
+        s = self.cohort.read_slide(sid)
+        return s.num_patches if self.deliver == "count" else s
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # as slidefm.data.loader's workers
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its reaped children (the loader's workers, once joined)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str,
+                 sizes: dict[str, int]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the main process and its workers, worker start-up included)."""
+    cpu0 = _cpu_s()
+    ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared
+    go = ctx.Event()
+    ds = Reads(cohort, ids, workers, go, deliver, sizes)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=4 if workers else None,
+                                         multiprocessing_context=ctx if workers else None,
+                                         worker_init_fn=_worker_init if workers else None)
+    it = iter(loader)
+    for _ in range(workers):
+        next(it)
     t0 = time.perf_counter()
-    nbytes = 0
-    for sid in ids:
-        s = cohort.read_slide(sid)
-        nbytes += s.features.numel()
-    return time.perf_counter() - t0, nbytes
+    go.set()
+    rows = 0
+    for s in it:
+        rows += s if isinstance(s, int) else s.num_patches
+    secs = time.perf_counter() - t0
+    assert rows == sum(sizes[s] for s in ids)  # every slide arrived, whole
+    del it  # exhausted: its workers are joined, so their CPU time is in RUSAGE_CHILDREN
+    return secs, _cpu_s() - cpu0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patches", type=int, default=1000, help="mean patches per slide (uniform in [p/2, 3p/2])")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    ap.add_argument("--reads", type=int, default=500, help="random slides read per measurement")
+    ap.add_argument("--reads", type=int, default=1000, help="random slides read per measurement")
+    ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values, comma-separated")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per cell; the median and the best are reported")
     ap.add_argument("--h5-layout", default="contiguous", choices=["contiguous", "rowchunk"])
     ap.add_argument("--dir", default=None, help="where to build/reuse the cohort (default: a temp dir named by size)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "io.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/io.json (io-rowchunk.json with "
+                    "--h5-layout rowchunk)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path(__file__).parent / "results" / ("io.json" if args.h5_layout == "contiguous"
+                                                             else f"io-{args.h5_layout}.json"))
     torch.set_num_threads(1)  # as in DataLoader workers; also keeps timings stable on a shared machine
 
     tag = f"{args.slides}x{args.patches}x{args.dim}-{args.dtype}-{args.h5_layout}"
@@ -96,38 +223,102 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - t0
     store = root / ".slidefm" / "store"
     t0 = time.perf_counter()
-    if not (store / "index.json").exists():
+    fresh = True
+    try:
+        Cohort.open(root, store=store)
+    except Exception:  # noqa: BLE001 - missing, stale or of an older format: (re)pack
+        fresh = False
+    if not fresh:
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)
         pack_cohort(Cohort.open(root, store=False), store)
     pack_s = time.perf_counter() - t0
 
     via_h5 = Cohort.open(root, store=False)
     via_store = Cohort.open(root, store=store)
     rng = np.random.default_rng(args.seed + 1)
-    ids = list(rng.choice(via_h5.slide_ids, size=min(args.reads, len(via_h5.slide_ids)), replace=False))
-    files = [Path(p) for p in via_h5.slides["path"]] + sorted(store.glob("*.npy"))
+    ids = [str(s) for s in rng.choice(via_h5.slide_ids, size=min(args.reads, len(via_h5.slide_ids)), replace=False)]
+    h5_files = [Path(p) for p in via_h5.slides["path"]]
+    store_files = sorted(p for p in store.iterdir() if p.suffix in (".npy", ".bin"))
+    files = h5_files + store_files
+    read_bytes = {"hdf5": sum(Path(via_h5.slides.at[s, "path"]).stat().st_size for s in ids)}  # whole files
+
+    evict(files)
+    resident_after = resident_share(files)
+    shard = max(store_files, key=lambda p: p.stat().st_size)
+    probe = min(shard.stat().st_size, 512 << 20)
+    evict([shard])
+    cold_mb_s = seq_read_mb_s(shard, probe, direct=False)
+    warm_mb_s = seq_read_mb_s(shard, probe, direct=False)
+    direct_mb_s = seq_read_mb_s(shard, probe, direct=True)
+
+    load_start = os.getloadavg()
+    workers = [int(w) for w in args.workers.split(",")]
+    sizes = dict(zip(via_store.store.slide_ids, via_store.store.index["slides"]["n"]))
+    rows_read = sum(sizes[s] for s in ids)
+    # the store's bytes (features, grid) in proportion to the rows read
+    read_bytes["store"] = int(sum(p.stat().st_size for p in store_files) * rows_read / sum(sizes.values()))
+    cells = [("hdf5", via_h5, "slide"), ("store", via_store, "slide")]
+    if any(workers):
+        cells += [("hdf5", via_h5, "count"), ("store", via_store, "count"), ("none", via_store, "transfer")]
+    runs: dict[str, list[float]] = {}
+    # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
+    fixed_cpu = {nw: statistics.median(timed_loader(via_store, [], nw, "slide", sizes)[1] for _ in range(3))
+                 for nw in workers}
+    for nw in workers:
+        for _ in range(args.repeats):
+            # formats alternate within each repeat, so a change in the machine's load hits both alike
+            for name, cohort, deliver in cells:
+                if deliver != "slide" and nw == 0:
+                    continue
+                for cache in ("cold", "warm") if name != "none" else ("warm",):
+                    if cache == "cold":
+                        evict(files)
+                    key = f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
+                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes)
+                    runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw]))
     results: dict[str, dict] = {}
-    method = None
-    for name, cohort in (("hdf5", via_h5), ("store", via_store)):
-        for cache in ("cold", "warm"):
-            if cache == "cold":
-                method = evict(files)
-            secs, elems = timed_reads(cohort, ids)
-            item = np.dtype(args.dtype).itemsize
-            results[f"{name}_{cache}"] = {"seconds": round(secs, 3), "slides_per_s": round(len(ids) / secs, 1),
-                                          "MB_per_s": round(elems * item / secs / 1e6, 1)}
+    for key, pairs in runs.items():
+        times = [w for w, _ in pairs]
+        secs = statistics.median(times)
+        name = key.split("_")[0]
+        results[key] = {"seconds": round(secs, 3), "slides_per_s": round(len(ids) / secs, 1),
+                        # the least disturbed run: other jobs on a shared machine only ever add time
+                        "best_slides_per_s": round(len(ids) / min(times), 1),
+                        "disk_MB_per_s": round(read_bytes[name] / secs / 1e6, 1) if name in read_bytes else None,
+                        # less sensitive than wall time to other jobs on the machine; excludes waiting on disk;
+                        # main process and workers, less the workers' start-up (fixed_cpu_s)
+                        "cpu_ms_per_slide": round(statistics.median(c for _, c in pairs) / len(ids) * 1e3, 3),
+                        "runs_s": [round(t, 3) for t in times]}
+    cell = [key[len("hdf5_"):] for key in results if key.startswith("hdf5_")]
+    speedup = {c: round(results["store_" + c]["slides_per_s"] / results["hdf5_" + c]["slides_per_s"], 2) for c in cell}
+    speedup_best = {c: round(results["store_" + c]["best_slides_per_s"] / results["hdf5_" + c]["best_slides_per_s"], 2)
+                    for c in cell}
     out = {
-        "benchmark": "random-access read_slide, packed store vs per-slide HDF5",
+        "benchmark": "random-access slide reads through a DataLoader, packed store vs per-slide HDF5",
         "cohort": {"slides": args.slides, "mean_patches": args.patches, "dim": args.dim, "dtype": args.dtype,
                    "h5_layout": args.h5_layout,
-                   "feature_bytes": int(sum(p.stat().st_size for p in store.glob("features-*.npy")))},
+                   "hdf5_bytes": int(sum(p.stat().st_size for p in h5_files)),
+                   "store_bytes": int(sum(p.stat().st_size for p in store_files))},
         "reads": len(ids),
-        "eviction": method,
+        "bytes_per_pass": read_bytes,
+        "repeats": args.repeats,
+        "eviction": "posix_fadvise(DONTNEED) per file",
+        "eviction_check": {"file": shard.name, "MB": round(probe / 1e6), "cold_MB_per_s": round(cold_mb_s),
+                           "warm_MB_per_s": round(warm_mb_s),
+                           "resident_share_after_eviction": round(resident_after, 4)},
+        "device": {"sequential_O_DIRECT_MB_per_s": round(direct_mb_s), "sequential_buffered_cold_MB_per_s":
+                   round(cold_mb_s)},
         "build_s": round(build_s, 1),
         "pack_s": round(pack_s, 1),
+        "fixed_cpu_s": {f"nw{nw}": round(c, 3) for nw, c in fixed_cpu.items()},
         "results": results,
-        "speedup_cold": round(results["hdf5_cold"]["seconds"] / results["store_cold"]["seconds"], 2),
-        "speedup_warm": round(results["hdf5_warm"]["seconds"] / results["store_warm"]["seconds"], 2),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "h5py": h5py.__version__},
+        "speedup": speedup,  # medians
+        "speedup_best": speedup_best,  # best runs
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "h5py": h5py.__version__,
+                    "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
     }
     text = json.dumps(out, indent=2)
     print(text)

@@ -131,3 +131,66 @@ def test_store_reader_in_dataloader_workers(cohort_dir):
     got = dict(loader)
     ref = Cohort.open(cohort_dir, store=False)
     assert got == {sid: ref.read_slide(sid).features.sum().item() for sid in c.slide_ids}
+
+
+def _bag_cohort(tmp_path):
+    """Slides with coords plus one features-only .pt bag, packed."""
+    root = write_cohort(tmp_path, n_slides=4, n_range=(60, 80))
+    (root / "features" / "S003.h5").unlink()
+    torch.save(torch.randn(50, 16).half(), root / "features" / "S003.pt")
+    pack_cohort(Cohort.open(root, store=False))
+    return Cohort.open(root, store=False), Cohort.open(root)
+
+
+@pytest.mark.parametrize("chunk", [None, 100])  # 100 B: 3 rows per converted piece, the last one shorter
+def test_slide_is_one_storage_and_equal(tmp_path, monkeypatch, chunk):
+    # A DataLoader worker sends each storage through its own shared-memory segment: one per slide.
+    from slidefm.cohort import store as store_mod
+
+    if chunk is not None:
+        monkeypatch.setattr(store_mod, "CONVERT_CHUNK_BYTES", chunk)
+    via_h5, via_store = _bag_cohort(tmp_path)
+    assert via_store.store is not None
+    for sid in via_h5.slide_ids:
+        a, b = via_h5.read_slide(sid), via_store.read_slide(sid)
+        assert_same(a, b)
+        assert a.has_positions == b.has_positions == (sid != "S003")
+        for s in (a, b):
+            ptr = s.features.untyped_storage().data_ptr()
+            assert s.coords.untyped_storage().data_ptr() == ptr == s.positions.untyped_storage().data_ptr()
+            assert s.features.is_contiguous() and s.coords.is_contiguous() and s.positions.is_contiguous()
+            assert (s.coords.dtype, s.positions.dtype, tuple(s.coords.shape)) == (torch.int64, torch.int64,
+                                                                                 (s.num_patches, 2))
+        if not b.has_positions:
+            assert not b.coords.any() and not b.positions.any() and b.step == 0
+        # the store's direct path equals the generic one built from its raw arrays
+        from slidefm.cohort.slides import slide_data
+
+        feats, g = via_store.reader.read_arrays(sid)
+        c = slide_data(sid, feats, g[:, :2] if b.has_positions else None, g[:, 2:] if b.has_positions else None,
+                       b.step, b.patch_size_level0)
+        assert_same(b, c)
+
+
+def test_store_read_rows_equals_hdf5(tmp_path):
+    via_h5, via_store = _bag_cohort(tmp_path)
+    for sid in via_h5.slide_ids:
+        n = via_h5.read_slide(sid).num_patches
+        # None (whole slide); a run plus scattered rows with gaps, unsorted and repeated; one row
+        for chosen in (None, np.r_[20:32, 3, 40, 3, 7, n - 1, 0], np.array([n // 2])):
+            seen = []
+
+            def select(pos, chosen=chosen, seen=seen):
+                seen.append(pos.copy())
+                return chosen
+
+            ra, rb = via_h5.reader.read_rows(sid, select), via_store.reader.read_rows(sid, select)
+            assert np.array_equal(seen[0], seen[1]) and np.array_equal(ra.positions, rb.positions)
+            assert ra.has_positions == rb.has_positions
+            assert (ra.rows is None) == (rb.rows is None) == (chosen is None)
+            if chosen is not None:
+                assert np.array_equal(ra.rows, rb.rows) and np.array_equal(rb.rows, np.unique(chosen))
+            assert rb.features.dtype == np.float32 and np.array_equal(ra.features, rb.features)
+            whole = via_h5.read_slide(sid).features.numpy()
+            assert np.array_equal(rb.take(np.unique(chosen) if chosen is not None else np.arange(n)),
+                                  whole if chosen is None else whole[np.unique(chosen)])
