@@ -12,10 +12,13 @@ grid positions; HDF5: `H5SlideReader`, which opens the file and computes the gri
 without a store), in the sample's order, with `num_workers` 0 or 2 (forked workers, one torch thread
 each, prefetch_factor 4 as in `slidefm.data.loader`). Every item is sent to the main process (through
 shared memory when workers are used). Worker start-up is not timed: the workers first answer one no-op
-item each, and the reads wait on an event set when the clock starts. With workers, two more cells
-split the cost: `_count` reads each slide in the worker but returns only its patch count (the read
-without the transfer), and `none_warm_nw2_transfer` reads nothing and returns tensors of each slide's
-shapes (the transfer alone: the floor for any format).
+item each, and the reads wait on an event set when the clock starts. With --crop, `_crop` cells read
+what a training view needs (every position, then one 16 x 16-cell window's features through
+`SlideReader.read_rows`; the benchmark's rows are in random spatial order, so a window is ~100 runs of
+rows, the worst case for both formats). With workers, two more cells split the cost: `_count` reads
+each slide in the worker but returns only its patch count (the read without the transfer), and
+`none_warm_nw2_transfer` reads nothing and returns tensors of each slide's shapes (the transfer alone:
+the floor for any format).
 
 "Cold" evicts every file of both formats from the page cache with posix_fadvise(DONTNEED) (no root
 needed and, unlike drop_caches, it leaves other processes' caches alone); `eviction_check` records the
@@ -138,7 +141,9 @@ class Reads(torch.utils.data.Dataset):
 
     ``deliver``: "slide" returns the SlideData (sent to the main process, as a loader does);
     "count" returns only its patch count (the read's cost without the transfer); "transfer" reads
-    nothing and returns tensors of the slide's shapes (the transfer's cost alone).
+    nothing and returns tensors of the slide's shapes (the transfer's cost alone); "crop" reads, as
+    training's views do (``SlideReader.read_rows``), every position and the features of one random
+    CROP x CROP window of grid cells, the same window for both formats.
     """
 
     def __init__(self, cohort: Cohort, ids: list[str], workers: int, go, deliver: str, sizes: dict[str, int]):
@@ -156,8 +161,20 @@ class Reads(torch.utils.data.Dataset):
         if self.deliver == "transfer":
             feats, grid = slide_tensors(self.sizes[sid], self.cohort.feature_dim)
             return SlideData(sid, feats, grid[0], grid[1], 0, None)
+        if self.deliver == "crop":
+            rng = np.random.default_rng(i)
+
+            def window(pos: np.ndarray) -> np.ndarray:
+                lo, hi = pos.min(0), pos.max(0)
+                corner = lo + rng.integers(0, np.maximum(hi - lo - CROP + 2, 1))
+                return np.flatnonzero(np.all((pos >= corner) & (pos < corner + CROP), axis=1))
+
+            return self.cohort.reader.read_rows(sid, window)
         s = self.cohort.read_slide(sid)
         return s.num_patches if self.deliver == "count" else s
+
+
+CROP = 16  # grid cells a side of the "crop" cells' window (~128 of a benchmark slide's ~1,000 patches)
 
 
 def _worker_init(_):
@@ -188,7 +205,7 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str,
     go.set()
     rows = 0
     for s in it:
-        rows += s if isinstance(s, int) else s.num_patches
+        rows += s if isinstance(s, int) else len(s.positions)
     secs = time.perf_counter() - t0
     assert rows == sum(sizes[s] for s in ids)  # every slide arrived, whole
     del it  # exhausted: its workers are joined, so their CPU time is in RUSAGE_CHILDREN
@@ -204,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reads", type=int, default=1000, help="random slides read per measurement")
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values, comma-separated")
     ap.add_argument("--repeats", type=int, default=5, help="runs per cell; the median and the best are reported")
+    ap.add_argument("--crop", action="store_true", help="add cells that read one view window per slide "
+                    "(SlideReader.read_rows), as training's views do")
     ap.add_argument("--h5-layout", default="contiguous", choices=["contiguous", "rowchunk"])
     ap.add_argument("--dir", default=None, help="where to build/reuse the cohort (default: a temp dir named by size)")
     ap.add_argument("--seed", type=int, default=0)
@@ -260,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     # the store's bytes (features, grid) in proportion to the rows read
     read_bytes["store"] = int(sum(p.stat().st_size for p in store_files) * rows_read / sum(sizes.values()))
     cells = [("hdf5", via_h5, "slide"), ("store", via_store, "slide")]
+    if args.crop:
+        cells += [("hdf5", via_h5, "crop"), ("store", via_store, "crop")]
     if any(workers):
         cells += [("hdf5", via_h5, "count"), ("store", via_store, "count"), ("none", via_store, "transfer")]
     runs: dict[str, list[float]] = {}
@@ -270,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             # formats alternate within each repeat, so a change in the machine's load hits both alike
             for name, cohort, deliver in cells:
-                if deliver != "slide" and nw == 0:
+                if deliver not in ("slide", "crop") and nw == 0:
                     continue
                 for cache in ("cold", "warm") if name != "none" else ("warm",):
                     if cache == "cold":
@@ -302,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                    "hdf5_bytes": int(sum(p.stat().st_size for p in h5_files)),
                    "store_bytes": int(sum(p.stat().st_size for p in store_files))},
         "reads": len(ids),
+        "crop_cells": {"window_cells": CROP} if args.crop else None,
         "bytes_per_pass": read_bytes,
         "repeats": args.repeats,
         "eviction": "posix_fadvise(DONTNEED) per file",

@@ -172,7 +172,12 @@ def test_slide_is_one_storage_and_equal(tmp_path, monkeypatch, chunk):
         assert_same(b, c)
 
 
-def test_store_read_rows_equals_hdf5(tmp_path):
+@pytest.mark.parametrize("gap", [None, 0])  # default: one merged run here; 0 B: runs split at gaps over 4 rows
+def test_store_read_rows_equals_hdf5(tmp_path, monkeypatch, gap):
+    from slidefm.cohort import store as store_mod
+
+    if gap is not None:
+        monkeypatch.setattr(store_mod, "RUN_GAP_BYTES", gap)
     via_h5, via_store = _bag_cohort(tmp_path)
     for sid in via_h5.slide_ids:
         n = via_h5.read_slide(sid).num_patches

@@ -31,6 +31,7 @@ INDEX = "index.json"
 GRID = "grid.npy"
 DEFAULT_SHARD_BYTES = 1 << 30
 CONVERT_CHUNK_BYTES = 256 << 10  # a slide's stored-dtype rows are read and converted in pieces of this size
+RUN_GAP_BYTES = 64 << 10  # read_rows reads through gaps up to this size between wanted rows
 _COLUMNS = ("slide_id", "shard", "offset", "row", "n", "step", "patch_size_level0", "origin_x", "origin_y",
             "source", "source_size", "source_mtime_ns", "has_positions", "step_source", "snapped", "collided")
 
@@ -183,8 +184,9 @@ class StoreSlideReader(SlideReader):
             raw = self._pread(fd, np.empty((n, self.dim), dtype), base)
         else:
             raw = np.empty((len(rows), self.dim), dtype)
-            # Runs of wanted rows merged across gaps of up to 4 rows: a pread costs more than 4 rows.
-            runs = h5.row_runs(rows, max_gap=4)
+            # Runs of wanted rows merged across gaps of up to RUN_GAP_BYTES: one more pread (a few us warm, a
+            # disk round trip cold) costs more than reading that many unwanted bytes.
+            runs = h5.row_runs(rows, max_gap=max(4, RUN_GAP_BYTES // row_bytes))
             ends = np.searchsorted(rows, [b for _, b in runs]).tolist()  # wanted rows before each run's end
             done = 0
             for (a, b), end in zip(runs, ends):
