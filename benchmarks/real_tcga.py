@@ -203,23 +203,27 @@ def write_json(doc: dict) -> None:
 
 
 def markdown(doc: dict) -> str:
-    """The README table: one row per run and split, mean pooling first, deltas in brackets."""
+    """The README table: per split, runs grouped by how many fold assignments they were evaluated on,
+    each group under its own mean-pooling row (on the same assignments); deltas in brackets."""
     tasks = list(PRIMARY)
-    head = "| embedding | folds | " + " | ".join(tasks) + " | mean Δ |"
-    seeds = sorted({r.get("eval_seeds", 1) for r in doc.get("runs", {}).values() if "refused" not in r})
-    lines = [f"Each figure is the mean over {'/'.join(map(str, seeds))} fold assignment(s) (eval seeds); "
-             "Δ is paired per assignment.", "", head, "|" + "---|" * (len(tasks) + 3)]
+    lines = ["| embedding | folds | assignments | " + " | ".join(tasks) + " | mean Δ |", "|" + "---|" * (len(tasks) + 4)]
+    runs = {n: r for n, r in doc.get("runs", {}).items() if "refused" not in r}
     for split in ("patient", "site"):
-        base = doc.get("mean_pool", {}).get(split)
-        if not base:
-            continue
-        lines.append(f"| mean pooling | {split} | " + " | ".join(f"{base[t]['value']:.3f}" for t in tasks) + " | |")
-        for name, r in doc.get("runs", {}).items():
-            if "refused" in r or split not in r:
-                continue
-            d = r["delta_vs_mean_pool"][split]
-            cells = [f"{r[split][t]['value']:.3f} ({d[t]:+.3f})" for t in tasks]
-            lines.append(f"| `{name}` | {split} | " + " | ".join(cells) + f" | {np.mean(list(d.values())):+.3f} |")
+        groups: dict[int, list[str]] = {}
+        for name, r in runs.items():
+            if split in r:
+                groups.setdefault(int(r.get("eval_seeds", 1)), []).append(name)
+        for n_seeds in sorted(groups, reverse=True):
+            first = runs[groups[n_seeds][0]]
+            # The baseline of a group is recovered from any of its runs: value - paired delta.
+            base = [first[split][t]["value"] - first["delta_vs_mean_pool"][split][t] for t in tasks]
+            lines.append(f"| mean pooling | {split} | {n_seeds} | " + " | ".join(f"{v:.3f}" for v in base) + " | |")
+            for name in groups[n_seeds]:
+                r = runs[name]
+                d = r["delta_vs_mean_pool"][split]
+                cells = [f"{r[split][t]['value']:.3f} ({d[t]:+.3f})" for t in tasks]
+                lines.append(f"| `{name}` | {split} | {n_seeds} | " + " | ".join(cells)
+                             + f" | {np.mean(list(d.values())):+.3f} |")
     for name, r in doc.get("runs", {}).items():
         if "refused" in r:
             lines.append(f"\n`{name}`: refused ({r['refused']})")
