@@ -1,7 +1,13 @@
 """TCGA-shaped CPU benchmark: real slide sizes through the house and TITAN-sized recipes.
 
-    python benchmarks/tcga_shape.py --runs house:w0:30 house:w1:30 titan:w0:8 titan:w1:8
-    nohup python benchmarks/tcga_shape.py --runs house:w1:1000 --tag long > long.log 2>&1 &
+    python benchmarks/tcga_shape.py --runs house:w0:30 house:w1:30 house:w2:30 titan:w0:6 titan:w1:6
+    nohup python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 \
+        --out benchmarks/results/tcga_shape_long.json > long.log 2>&1 &        # the 1,000-step curve
+    SLIDEFM_MALLOC_TUNING=1 SLIDEFM_MALLOC_MMAP_THRESHOLD=0 SLIDEFM_MALLOC_TRIM_EVERY=50 \
+        python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 --tag trim50 --out ...  # with malloc_trim
+
+To compare code versions, run this script with ``PYTHONPATH`` at a worktree of the other commit (the JSON
+records which ``slidefm`` ran); results/tcga_shape.json's ``*_before`` runs are the commit before b6226f6.
 
 The cohort (``--workdir``, default /work/bench/tcga_shape, generated once and reused) is shaped like TCGA
 diagnostic slides: patches per slide lognormal (median 10k, sigma 0.5, clipped to [1k, 27k]), D=1024
@@ -53,7 +59,7 @@ COMMON = ["trainer.progress_bar=false", "trainer.log_every_n_steps=50", "trainer
           "data.val_fraction=0", "trainer.checkpoint_every_n_steps=1000000"]
 # recipe name -> overrides. house: recipes/recipe/slidefm.yaml as it is (ViT 128 x 3, batch 16 patients,
 # up to 2 slides each, crops 2 x 16^2 + 2 x 8^2). titan: recipes/recipe/titan.yaml as it is (ViT 768 x 6,
-# 12 heads, ALiBi, batch 16, crops 2 x 14^2 + 4 x 6^2, distillation head at the default 65,536 prototypes).
+# 12 heads, ALiBi, batch 16, crops 2 x 14^2 + 4 x 6^2, distillation heads at the defaults: 8,192 prototypes).
 RECIPES = {"house": ["recipe=slidefm"], "titan": ["recipe=titan"]}
 
 
@@ -283,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run")
+    p.add_argument("--rescan", nargs=2, metavar=("NAME", "STEPS_JSONL"),
+                   help="re-summarize a run's steps.jsonl (e.g. with another --warmup) into the entry NAME")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help=argparse.SUPPRESS)
@@ -293,10 +301,19 @@ def main(argv=None) -> int:
     if args._child:
         print(json.dumps(child(args)))
         return 0
-    cohort = Path(args.workdir)
-    info = make_cohort(cohort, args.unique, args.patients)
     out = Path(args.out)
     doc: dict = json.loads(out.read_text()) if out.exists() else {}
+    if args.rescan:
+        name, path = args.rescan
+        steps = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        entry = doc.setdefault("runs", {}).setdefault(name, {})
+        entry.update(summarize(steps, args.warmup if args.warmup is not None else max(2, len(steps) // 10), args.window))
+        entry["rescanned_from"] = path
+        write_atomic(out, doc)
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("per_step", "curve")}, indent=2))
+        return 0
+    cohort = Path(args.workdir)
+    info = make_cohort(cohort, args.unique, args.patients)
     doc["cohort"] = {k: v for k, v in info.items() if k != "reused"} | {"path": str(cohort)}
     doc.setdefault("runs", {})
     for spec in args.runs:
