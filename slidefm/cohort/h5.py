@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -175,6 +175,33 @@ def _contiguous_offset(ds: h5py.Dataset) -> int | None:
         return None
 
 
+def pread_into(fd: int, out: np.ndarray, pos: int, truncated: Exception) -> np.ndarray:
+    """Fill ``out`` with the bytes of ``fd`` at ``pos`` (looping over short reads); ``truncated`` is raised
+    at end of file. Returns ``out``."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], pos + done)
+        if got == 0:
+            raise truncated
+        done += got
+    return out
+
+
+def gather_rows(rows: np.ndarray, max_gap: int, dim: int, dtype: np.dtype,
+                read_block: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of an (N, dim) array stored row after row, read as runs merged across
+    gaps of up to ``max_gap`` rows; ``read_block(a, b)`` returns rows [a, b)."""
+    out = np.empty((rows.size, dim), dtype)
+    runs = row_runs(rows, max_gap)
+    ends = np.searchsorted(rows, [b for _, b in runs]).tolist()  # wanted rows before each run's end
+    done = 0
+    for (a, b), end in zip(runs, ends):
+        out[done:end] = read_block(a, b)[rows[done:end] - a]
+        done = end
+    return out
+
+
 def read_feature_rows(f: h5py.File, header: SlideHeader, rows: np.ndarray) -> np.ndarray:
     """Feature rows ``rows`` (sorted, unique) in their stored dtype, read as a few contiguous ranges.
 
@@ -184,33 +211,17 @@ def read_feature_rows(f: h5py.File, header: SlideHeader, rows: np.ndarray) -> np
     chunked or compressed ones through h5py, with runs merged across gaps of up to 32 rows.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((rows.size, header.dim), header.dtype)
-    ds = f["features"]
-    offset = _contiguous_offset(ds)
+    offset = _contiguous_offset(f["features"])
+    if offset is None:
+        return gather_rows(rows, 32, header.dim, header.dtype, lambda a, b: read_features(f, header, a, b))
     row_bytes = header.dim * header.dtype.itemsize
-    fd = os.open(f.filename, os.O_RDONLY) if offset is not None else None
+    fd = os.open(f.filename, os.O_RDONLY)
     try:
-        runs = row_runs(rows, max_gap=4 if fd is not None else 32)
-        ends = np.searchsorted(rows, [b for _, b in runs]).tolist()  # wanted rows before each run's end
-        done = 0
-        for (a, b), end in zip(runs, ends):
-            if fd is not None:
-                block = np.empty((b - a, header.dim), header.dtype)
-                view = memoryview(block).cast("B")
-                got = 0
-                while got < len(view):
-                    n = os.preadv(fd, [view[got:]], offset + a * row_bytes + got)
-                    if n == 0:
-                        raise SlideFileError("'features' is truncated")
-                    got += n
-            else:
-                block = read_features(f, header, a, b)
-            out[done:end] = block[rows[done:end] - a]
-            done = end
+        return gather_rows(rows, 4, header.dim, header.dtype, lambda a, b: pread_into(
+            fd, np.empty((b - a, header.dim), header.dtype), offset + a * row_bytes,
+            SlideFileError("'features' is truncated")))
     finally:
-        if fd is not None:
-            os.close(fd)
-    return out
+        os.close(fd)
 
 
 def iter_feature_chunks(f: h5py.File, header: SlideHeader, rows: int) -> Iterator[tuple[int, np.ndarray]]:

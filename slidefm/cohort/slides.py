@@ -90,8 +90,6 @@ def read_slide_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarra
     return header, feats, coords, grid
 
 
-read_h5_arrays = read_slide_arrays  # the earlier name
-
 
 @dataclass
 class SlideRows:

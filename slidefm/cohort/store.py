@@ -103,14 +103,7 @@ class StoreSlideReader(SlideReader):
 
     @staticmethod
     def _pread(fd: int, out: np.ndarray, pos: int) -> np.ndarray:
-        view = memoryview(out).cast("B")
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], pos + done)
-            if got == 0:
-                raise SlidefmError("packed store file is truncated; run `slidefm pack` again")
-            done += got
-        return out
+        return h5.pread_into(fd, out, pos, SlidefmError("packed store file is truncated; run `slidefm pack` again"))
 
     def _locate(self, slide_id: str):
         try:
@@ -183,16 +176,10 @@ class StoreSlideReader(SlideReader):
         if rows is None:
             raw = self._pread(fd, np.empty((n, self.dim), dtype), base)
         else:
-            raw = np.empty((len(rows), self.dim), dtype)
             # Runs of wanted rows merged across gaps of up to RUN_GAP_BYTES: one more pread (a few us warm, a
             # disk round trip cold) costs more than reading that many unwanted bytes.
-            runs = h5.row_runs(rows, max_gap=max(4, RUN_GAP_BYTES // row_bytes))
-            ends = np.searchsorted(rows, [b for _, b in runs]).tolist()  # wanted rows before each run's end
-            done = 0
-            for (a, b), end in zip(runs, ends):
-                block = self._pread(fd, np.empty((b - a, self.dim), dtype), base + a * row_bytes)
-                raw[done:end] = block[rows[done:end] - a]
-                done = end
+            raw = h5.gather_rows(rows, max(4, RUN_GAP_BYTES // row_bytes), self.dim, dtype, lambda a, b: self._pread(
+                fd, np.empty((b - a, self.dim), dtype), base + a * row_bytes))
         feats = torch.from_numpy(raw).to(torch.float32).numpy()  # torch's cast: see slide_data
         return SlideRows(slide_id, pos, has, rows, feats)
 
