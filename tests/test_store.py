@@ -199,3 +199,18 @@ def test_store_read_rows_equals_hdf5(tmp_path, monkeypatch, gap):
             whole = via_h5.read_slide(sid).features.numpy()
             assert np.array_equal(rb.take(np.unique(chosen) if chosen is not None else np.arange(n)),
                                   whole if chosen is None else whole[np.unique(chosen)])
+
+
+def test_truncated_shard_is_a_clear_error(tmp_path):
+    """A shard cut short (disk full, interrupted copy) names the fix, whole-slide and row reads alike."""
+    root = write_cohort(tmp_path, n_slides=2)
+    assert main(["pack", str(root), "--shard-size-mb", "0"]) == 0  # one slide per shard
+    c = Cohort.open(root)
+    sid = c.slide_ids[0]
+    shard = c.store.path / "features-00000.npy"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(SlidefmError, match=r"packed store file is truncated; run `slidefm pack` again"):
+        c.read_slide(sid)
+    with pytest.raises(SlidefmError, match=r"packed store file is truncated; run `slidefm pack` again"):
+        c.reader.read_rows(sid, lambda pos: np.arange(len(pos) - 2, len(pos)))
