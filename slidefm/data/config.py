@@ -20,6 +20,8 @@ class DataConfig:
     store: Optional[str] = field(default=None, metadata={"help": "packed store from `slidefm pack` (default: auto)"})
     batch_size: int = field(default=8, metadata={"help": "patients per step (per device)"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    persistent_workers: bool = field(default=True, metadata={
+        "help": "keep training workers alive across epochs (with num_workers > 0) instead of restarting them"})
     max_slides_per_patient: int = field(
         default=1, metadata={"help": "slides drawn per patient per step (1 avoids same-patient negatives)"}
     )
