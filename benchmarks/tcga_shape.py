@@ -3,8 +3,12 @@
     python benchmarks/tcga_shape.py --runs house:w0:30 house:w1:30 house:w2:30 titan:w0:6 titan:w1:6
     nohup python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 \
         --out benchmarks/results/tcga_shape_long.json > long.log 2>&1 &        # the 1,000-step curve
-    SLIDEFM_MALLOC_TUNING=1 SLIDEFM_MALLOC_MMAP_THRESHOLD=0 SLIDEFM_MALLOC_TRIM_EVERY=50 \
+    SLIDEFM_ALLOCATOR=system python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 --tag glibc ...
+    SLIDEFM_ALLOCATOR=system SLIDEFM_MALLOC_TUNING=1 SLIDEFM_MALLOC_MMAP_THRESHOLD=0 SLIDEFM_MALLOC_TRIM_EVERY=50 \
         python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 --tag trim50 --out ...  # with malloc_trim
+
+Training runs on the allocator `slidefm train` chooses (``slidefm.allocator``: jemalloc when it is installed);
+``SLIDEFM_ALLOCATOR=system`` measures glibc's malloc. The JSON records which one ran.
 
 To compare code versions, run this script with ``PYTHONPATH`` at a worktree of the other commit (the JSON
 records which ``slidefm`` ran); results/tcga_shape.json's ``*_before`` runs are the commit before b6226f6.
@@ -47,6 +51,8 @@ import time
 from pathlib import Path
 
 from _common import flatness, rss_now_mb, run_child, window_stats, write_atomic
+
+from slidefm.allocator import preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -244,8 +250,10 @@ def child(args) -> dict:
     run_mod.train(cfg)
     import slidefm
 
+    from slidefm.allocator import active
+
     return {"wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "overrides": over,
-            "slidefm": str(Path(slidefm.__file__).parent),
+            "slidefm": str(Path(slidefm.__file__).parent), "allocator": active(),
             "workers_peak_rss_mb_sampled": timer.children_peak, "steps": rows}
 
 
@@ -328,13 +336,17 @@ def main(argv=None) -> int:
             cmd += ["--override", o]
         print(f"[tcga_shape {time.strftime('%H:%M:%S')}] {name}: {run_dir}/steps.jsonl", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        res = run_child(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), args.timeout)
+        # The child runs on the allocator `slidefm train` would choose (jemalloc when installed, unless
+        # SLIDEFM_ALLOCATOR=system): the same environment the command re-executes itself with.
+        env = preload_env(os.environ) or dict(os.environ)
+        res = run_child(cmd, dict(env, PYTHONUNBUFFERED="1"), args.timeout)
         if "steps" not in res and (run_dir / "steps.jsonl").exists():  # cut short: keep the partial curve
             res["steps"] = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line]
         entry = {"recipe": recipe, "num_workers": int(w[1:]), "steps": int(steps), "threads": args.threads,
                  "extra_overrides": args.override, "process_wall_s": time.perf_counter() - t,
-                 # allocator settings act at start-up (slidefm.train.memory reads these)
-                 "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("SLIDEFM_MALLOC", "MALLOC_"))},
+                 # allocator settings act at start-up (slidefm.allocator, slidefm.train.memory)
+                 "allocator_env": {k: v for k, v in env.items()
+                                   if k.startswith(("SLIDEFM_MALLOC", "SLIDEFM_ALLOCATOR", "MALLOC_", "LD_PRELOAD"))},
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "host": {"python": platform.python_version(), "cores": os.cpu_count(), "machine": platform.machine(),
                           "load_avg_at_end": os.getloadavg()}}
@@ -346,6 +358,7 @@ def main(argv=None) -> int:
             entry.update(summarize(res["steps"], warm, args.window))
             entry["workers_peak_rss_mb_sampled"] = res.get("workers_peak_rss_mb_sampled")
             entry["slidefm"] = res.get("slidefm")
+            entry["allocator"] = res.get("allocator")
             entry["per_step"] = [[r["step"], round(r["wall_s"], 4), round(r["wait_s"], 4),
                                   round(r["user_s"] + r["sys_s"], 4), round(r["rss_now_mb"] or 0, 1)]
                                  for r in res["steps"]]

@@ -67,10 +67,17 @@ def error_line(e: SlidefmError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Called without ``argv`` (a real ``slidefm`` process), ``train`` first re-executes
+    itself under jemalloc when it is installed (``slidefm.allocator``); a call with ``argv`` never does."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else None
     try:
         if command == "train":
+            if own_process:
+                from slidefm.allocator import reexec_with_jemalloc
+
+                reexec_with_jemalloc()
             # Hydra parses its own overrides (recipe=..., -m, hydra/launcher=...).
             from slidefm.commands.train import hydra_main
 

@@ -20,6 +20,9 @@ grows 2.0 -> 3.6 GB with glibc's defaults; it is freed memory glibc keeps (``mal
 to ~1.0 GB), and trimming every 50 steps ends the run at 1.1 GB but still peaks at 3.5 GB between trims and
 costs ~5% CPU per step, so it is not switched on there either.
 
+What does fix the growth is another allocator: `slidefm train` runs on jemalloc when it is installed
+(``slidefm.allocator``, measured there). These glibc settings stay for machines without it.
+
 Hence: off by default. ``SLIDEFM_MALLOC_TUNING=1`` applies only a fixed 32 MiB mmap threshold (no trim
 threshold, no periodic trim), which measured like the default; ``SLIDEFM_MALLOC_TRIM_THRESHOLD`` and
 ``SLIDEFM_MALLOC_TRIM_EVERY`` (steps) add the others for experiments on other machines and sizes (see

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -117,6 +118,19 @@ def load_slide_encoder(module, path: str) -> None:
         module.distillation.reset_teacher(module.model.aggregator)
 
 
+def log_allocator() -> str:
+    """Say which malloc this CPU run uses: glibc's makes long CPU runs slower step by step (slidefm.allocator)."""
+    from slidefm.allocator import ENV, active
+
+    name = active()
+    if name == "jemalloc":
+        log.info("allocator: jemalloc (%s=system turns it off)", ENV)
+    elif sys.platform.startswith("linux"):
+        log.info("allocator: glibc malloc; long CPU runs slow down step by step with it: install jemalloc "
+                 "(apt install libjemalloc2) and `slidefm train` uses it")
+    return name
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -133,6 +147,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path):
     accel = t.accelerator
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
     precision = t.precision or ("bf16-mixed" if on_gpu else "32-true")
+    if not on_gpu:
+        log_allocator()
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
