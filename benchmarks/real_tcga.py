@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,6 +177,25 @@ def baseline_rows(work: Path, split: str, seed: int) -> pd.DataFrame | None:
     return None
 
 
+def learned_part(emb: Path) -> Path | None:
+    """The learned columns of a ``mean_path`` embedding as an .h5ad of their own (None without a mean path):
+    what the pretrained part carries without the slide's mean input beside it."""
+    import anndata as ad
+
+    a = ad.read_h5ad(emb)
+    m = re.match(r"learned\[0:(\d+)\] \+ mean_input", str(a.uns.get("embedding_layout", "")))
+    if not m:
+        return None
+    out = emb.with_name(f"{emb.stem}.learned.h5ad")
+    if not out.exists():
+        part = a[:, : int(m.group(1))].copy()
+        part.uns["embedding_layout"] = f"learned[0:{m.group(1)}]"
+        tmp = out.with_name(f"{out.stem}.tmp.h5ad")
+        part.write_h5ad(tmp)
+        os.replace(tmp, out)
+    return out
+
+
 def summarise(dfs: list[pd.DataFrame], model: str) -> dict:
     """Per task: the mean over fold seeds (``value``), each seed's figure, and seed 0's bootstrap CI."""
     out = {}
@@ -244,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                          "mean and deltas are paired per seed (centre-held-out folds move a lot with the seed)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/BLAS threads per step (bags are tiny: 1 thread is fastest on a busy CPU)")
+    ap.add_argument("--parts", action="store_true",
+                    help="also evaluate the learned part of mean_path embeddings alone (fold assignment 0)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
     args = ap.parse_args(argv)
     if args.table:
@@ -286,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             deltas[split] = {t: round(float(np.mean(v)), 4) for t, v in per.items()}
             info.setdefault("delta_per_seed", {})[split] = per
         info["delta_vs_mean_pool"] = deltas
+        part = learned_part(emb) if args.parts else None
+        if part is not None:  # fold assignment 0 only: a diagnostic, not a row of the table
+            info["learned_only"] = {
+                split: {t: v["value"] for t, v in summarise([evaluate(
+                    part, cohort, eval_dir(work, f"{name}.learned", split, 0), split, 0, False,
+                    work / "logs" / f"{name}.log")], "model").items()} for split in args.splits}
         info["eval_seeds"] = args.eval_seeds
         info["mean_delta"] = round(float(np.mean([v for d in deltas.values() for v in d.values()])), 4)
         runs[name] = info
