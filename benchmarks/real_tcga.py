@@ -196,6 +196,30 @@ def learned_part(emb: Path) -> Path | None:
     return out
 
 
+def size_direction(part: Path, cohort: Path) -> dict:
+    """How much of the learned part's leading direction is bag size: share of variance of its first principal
+    component (standardised dims, all patients) and that component's correlation with log(regions per slide)."""
+    import anndata as ad
+    import h5py
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from slidefm.cohort import Cohort
+
+    a = ad.read_h5ad(part)
+    c = Cohort.open(cohort)
+    sizes: dict[str, list[int]] = {}
+    for sid in c.slide_ids:
+        with h5py.File(c.slide_path(sid), "r") as f:
+            sizes.setdefault(c.slides.loc[sid, "patient_id"], []).append(int(f["features"].shape[0]))
+    z = StandardScaler().fit_transform(np.asarray(a.X, dtype=np.float64))
+    pca = PCA(1).fit(z)
+    pc1 = pca.transform(z)[:, 0]
+    log_n = np.log([np.mean(sizes[p]) for p in a.obs_names])
+    return {"pc1_variance_share": round(float(pca.explained_variance_ratio_[0]), 3),
+            "pc1_corr_log_regions": round(float(np.corrcoef(pc1, log_n)[0, 1]), 3)}
+
+
 def summarise(dfs: list[pd.DataFrame], model: str) -> dict:
     """Per task: the mean over fold seeds (``value``), each seed's figure, and seed 0's bootstrap CI."""
     out = {}
@@ -314,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 split: {t: v["value"] for t, v in summarise([evaluate(
                     part, cohort, eval_dir(work, f"{name}.learned", split, 0), split, 0, False,
                     work / "logs" / f"{name}.log")], "model").items()} for split in args.splits}
+            info["learned_only"]["size"] = size_direction(part, cohort)
         info["eval_seeds"] = args.eval_seeds
         info["mean_delta"] = round(float(np.mean([v for d in deltas.values() for v in d.values()])), 4)
         runs[name] = info

@@ -20,7 +20,8 @@ FOLDERS = {"slidefm": REPO / "slidefm", "slidefm.modalities": REPO / "modalities
 # Data flow, bottom to top: cohort -> data -> models/modalities -> objectives -> config -> checkpoint
 # -> train -> export/api -> evals -> commands/cli. A module may import its own layer and the layers below.
 LAYERS = [
-    ("base", ["slidefm.errors", "slidefm.io_utils", "slidefm.grid", "slidefm.registry", "slidefm.config_cli"]),
+    ("base", ["slidefm.errors", "slidefm.io_utils", "slidefm.grid", "slidefm.registry", "slidefm.config_cli",
+              "slidefm.allocator"]),
     ("cohort", ["slidefm.cohort"]),
     ("data", ["slidefm.data"]),
     ("models", ["slidefm.models", "slidefm.modalities"]),

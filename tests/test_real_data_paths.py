@@ -186,6 +186,30 @@ def test_attention_readout_lets_a_focus_through():
         AttentionReadout(10, heads=4)
 
 
+def test_pool_norm_normalises_the_pooled_slide_embedding():
+    """pool_norm: each slide embedding leaves the ViT layer-normalised (zero mean, unit spread over channels at
+    init), so its scale no longer follows the slide's size; the token outputs are unchanged."""
+    from slidefm.data.batch import pack_slides
+    from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(n, 6, generator=g) for n in (3, 40, 400)]
+    x = pack_slides(feats, [torch.stack([torch.arange(len(f)) % 20, torch.arange(len(f)) // 20], 1) for f in feats])
+    outs = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        vit = ViTAggregator(ViTConfig(dim=16, depth=1, heads=2, pool="mean", pool_norm=on), in_dim=6).eval()
+        with torch.no_grad():
+            outs[on] = vit(x)
+    s = outs[True].slide
+    assert torch.allclose(s.mean(1), torch.zeros(3), atol=1e-5)
+    # LayerNorm's eps shows when the un-normalised spread is small (a large slide's mean): v / (v + eps)
+    v = outs[False].slide.var(1, unbiased=False)
+    assert torch.allclose(s.var(1, unbiased=False), v / (v + 1e-5), atol=1e-4)
+    assert torch.allclose(outs[True].tokens, outs[False].tokens)
+    assert v[0] > 2 * v[2], "without it, the pooled embedding's scale falls with the slide's size"
+
+
 def test_site_split_holds_out_whole_sites():
     from slidefm.evals.config import EvalConfig
     from slidefm.evals.data import EvalTask, TaskData

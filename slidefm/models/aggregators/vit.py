@@ -45,6 +45,9 @@ class ViTConfig:
         "help": "slide readout: the CLS output, the mean of the patch-token outputs, or that mean plus a "
                 "multi-head gated-attention pool over the token outputs (so a small focus is not averaged away)"})
     readout_heads: int = field(default=4, metadata={"help": "attention heads of the mean_attn readout (divide dim)"})
+    pool_norm: bool = field(default=False, metadata={
+        "help": "LayerNorm on the pooled slide embedding (timm's fc_norm): a mean of N token outputs otherwise "
+                "carries the slide's size in its scale"})
     peg: int = field(default=0, metadata={
         "help": "kernel of a depthwise-conv position encoding on the slide grid before the blocks (0: off; 3, 5, ..)"})
 
@@ -72,6 +75,7 @@ class ViTAggregator(Aggregator):
         )
         self.norm = nn.LayerNorm(dim)
         self.readout = AttentionReadout(dim, cfg.readout_heads) if cfg.pool == "mean_attn" else None
+        self.pool_norm = nn.LayerNorm(dim) if cfg.pool_norm else None
         self.apply(self._init_weights)
         for p in (self.mask_token, self.cls_token, self.registers):
             trunc_normal_(p, std=0.02)
@@ -124,6 +128,8 @@ class ViTAggregator(Aggregator):
             slide = sums / lens.clamp(min=1).to(tokens.dtype)[:, None]
             if self.readout is not None:
                 slide = slide + self.readout(tokens, slide_of, B)
+        if self.pool_norm is not None:
+            slide = self.pool_norm(slide)
         return AggregatorOutput(slide=slide, tokens=tokens)
 
 
