@@ -67,3 +67,28 @@ def test_train_command_reexecutes_under_jemalloc(tmp_path):
 
 def test_this_process_reports_an_allocator():
     assert active() in ("jemalloc", "system")
+
+
+def test_training_logs_which_allocator_it_runs_on(monkeypatch, caplog):
+    import logging
+
+    import slidefm.allocator as alloc
+    from slidefm.train.run import log_allocator
+
+    caplog.set_level(logging.INFO, logger="slidefm.train")
+    monkeypatch.setattr(alloc, "active", lambda: "jemalloc")
+    assert log_allocator() == "jemalloc" and "allocator: jemalloc (SLIDEFM_ALLOCATOR=system" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(alloc, "active", lambda: "system")
+    monkeypatch.setattr(alloc, "find_jemalloc", lambda: None)
+    monkeypatch.setattr(sys, "platform", "linux")
+    log_allocator()
+    assert "install jemalloc (apt install libjemalloc2)" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(alloc, "find_jemalloc", lambda: LIB)
+    log_allocator()
+    assert f"only the `slidefm train` command preloads it (elsewhere: LD_PRELOAD={LIB})" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("SLIDEFM_ALLOCATOR", "system")
+    log_allocator()
+    assert "allocator" not in caplog.text, "a chosen glibc is not worth a line"

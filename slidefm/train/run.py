@@ -120,13 +120,18 @@ def load_slide_encoder(module, path: str) -> None:
 
 def log_allocator() -> str:
     """Say which malloc this CPU run uses: glibc's makes long CPU runs slower step by step (slidefm.allocator)."""
-    from slidefm.allocator import ENV, active
+    from slidefm.allocator import ENV, active, find_jemalloc
 
     name = active()
     if name == "jemalloc":
         log.info("allocator: jemalloc (%s=system turns it off)", ENV)
-    elif sys.platform.startswith("linux"):
-        log.info("allocator: glibc malloc; long CPU runs slow down step by step with it: install jemalloc "
+    elif not sys.platform.startswith("linux") or os.environ.get(ENV, "").strip().lower() == "system":
+        pass
+    elif find_jemalloc():
+        log.info("allocator: glibc malloc, which slows long CPU runs down step by step; jemalloc is installed but "
+                 "only the `slidefm train` command preloads it (elsewhere: LD_PRELOAD=%s)", find_jemalloc())
+    else:
+        log.info("allocator: glibc malloc, which slows long CPU runs down step by step: install jemalloc "
                  "(apt install libjemalloc2) and `slidefm train` uses it")
     return name
 
