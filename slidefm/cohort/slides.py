@@ -54,17 +54,23 @@ def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, p
 
     ``coords``/``positions`` None: a features-only bag (zeros, ``has_positions=False``).
     """
-    has = coords is not None and positions is not None
     feats, grid = slide_tensors(*features.shape)
     # torch's float16 -> float32 cast is several times faster than numpy's on CPU (and equally exact).
     feats.copy_(torch.from_numpy(np.ascontiguousarray(features)))
-    if has:
-        grid[0].copy_(torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)))
-        grid[1].copy_(torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)))
-    else:
+    return finish_slide(slide_id, feats, grid, coords, positions, step, patch_size_level0)
+
+
+def finish_slide(slide_id: str, feats: torch.Tensor, grid: torch.Tensor, coords, positions, step: int,
+                 patch_size_level0: int | None) -> SlideData:
+    """A SlideData over ``slide_tensors``' outputs, ``feats`` already filled: the grid gets ``coords`` and
+    ``positions`` ((n, 2) integer arrays, strided views included), or zeros for a features-only bag (either
+    one None)."""
+    if coords is None or positions is None:
         grid.zero_()
-        step = 0
-    return SlideData(slide_id, feats, grid[0], grid[1], int(step), patch_size_level0, has)
+        return SlideData(slide_id, feats, grid[0], grid[1], 0, patch_size_level0, False)
+    grid[0].copy_(torch.from_numpy(np.asarray(coords, dtype=np.int64)))
+    grid[1].copy_(torch.from_numpy(np.asarray(positions, dtype=np.int64)))
+    return SlideData(slide_id, feats, grid[0], grid[1], int(step), patch_size_level0, True)
 
 
 def slide_grid(coords: np.ndarray, header: h5.SlideHeader):

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from slidefm.cohort import h5
-from slidefm.cohort.slides import RowSelector, SlideData, SlideReader, SlideRows, _rows_from, slide_tensors
+from slidefm.cohort.slides import (RowSelector, SlideData, SlideReader, SlideRows, _rows_from, finish_slide,
+                                   slide_tensors)
 from slidefm.errors import SlidefmError
 
 FORMAT = "slidefm-store/1"
@@ -154,13 +155,9 @@ class StoreSlideReader(SlideReader):
             os.posix_fadvise(gfd, gstart + row * 32, n * 32, os.POSIX_FADV_WILLNEED)
         feats, grid = slide_tensors(n, self.dim)
         self._read_features(fd, start + off * self.dim * dtype.itemsize, dtype, feats)
-        if not has:
-            grid.zero_()
-            return SlideData(slide_id, feats, grid[0], grid[1], 0, self.psl0[i], False)
-        g = torch.from_numpy(self._grid(gfd, gstart, row, n))
-        grid[0].copy_(g[:, :2])
-        grid[1].copy_(g[:, 2:])
-        return SlideData(slide_id, feats, grid[0], grid[1], step, self.psl0[i], True)
+        g = self._grid(gfd, gstart, row, n) if has else None
+        return finish_slide(slide_id, feats, grid, None if g is None else g[:, :2], None if g is None else g[:, 2:],
+                            step, self.psl0[i])
 
     def read_rows(self, slide_id: str, select: RowSelector) -> SlideRows:
         """Positions from the grid rows, then only the selected feature rows (one pread per run of rows)."""

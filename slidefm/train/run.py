@@ -127,9 +127,9 @@ def log_allocator() -> str:
         log.info("allocator: jemalloc (%s=system turns it off)", ENV)
     elif not sys.platform.startswith("linux") or os.environ.get(ENV, "").strip().lower() == "system":
         pass
-    elif find_jemalloc():
+    elif lib := find_jemalloc():
         log.info("allocator: glibc malloc, which slows long CPU runs down step by step; jemalloc is installed but "
-                 "only the `slidefm train` command preloads it (elsewhere: LD_PRELOAD=%s)", find_jemalloc())
+                 "only the `slidefm train` command preloads it (elsewhere: LD_PRELOAD=%s)", lib)
     else:
         log.info("allocator: glibc malloc, which slows long CPU runs down step by step: install jemalloc "
                  "(apt install libjemalloc2) and `slidefm train` uses it")
