@@ -7,11 +7,15 @@
 The cohort is written once with h5py (reused from --dir on later runs; contiguous `features` and
 `coords` datasets by default, or row-chunked as TRIDENT's save_h5 and CLAM's save_hdf5 write them) and
 packed with `slidefm.cohort.pack_cohort`. Each cell reads the same random sample of slides through a
-`torch.utils.data.DataLoader` whose items are `Cohort.read_slide(sid)` (float32 features, coords and
+DataLoader (`slidefm.data.transport.ShmDataLoader`) whose items are `Cohort.read_slide(sid)` (float32 features, coords and
 grid positions; HDF5: `H5SlideReader`, which opens the file and computes the grid, as `train` does
 without a store), in the sample's order, with `num_workers` 0 or 2 (forked workers, one torch thread
-each, prefetch_factor 4 as in `slidefm.data.loader`). Every item is sent to the main process (through
-shared memory when workers are used). Worker start-up is not timed: the workers first answer one no-op
+each, prefetch_factor 4 as in `slidefm.data.loader`). Every item is sent to the main process; with
+workers, through `--transport` (training's `data.transport`): `shm`, the default, copies large arrays
+through a reused shared-memory arena per worker (`slidefm.data.transport`); `torch` is torch's own path, a
+new shared-memory segment per tensor. The main process reads one value per 4 KiB page of every slide's
+features, as any consumer would (torch's path maps the pages lazily, so an untouched slide would cost it
+nothing there). Worker start-up is not timed: the workers first answer one no-op
 item each, and the reads wait on an event set when the clock starts. With --crop, `_crop` cells read
 what a training view needs (every position, then one 16 x 16-cell window's features through
 `SlideReader.read_rows`; the benchmark's rows are in random spatial order, so a window is ~100 runs of
@@ -54,6 +58,7 @@ import torch
 
 from slidefm.cohort import Cohort, pack_cohort
 from slidefm.cohort.slides import SlideData, slide_tensors
+from slidefm.data.transport import ShmDataLoader
 
 
 def build(root: Path, slides: int, patches: int, dim: int, dtype: str, layout: str, seed: int) -> None:
@@ -181,6 +186,13 @@ def _worker_init(_):
     torch.set_num_threads(1)  # as slidefm.data.loader's workers
 
 
+def touch(t: torch.Tensor) -> float:
+    """Read one value per 4 KiB page: what any consumer (a model, a copy to the GPU) does at least."""
+    flat = t.reshape(-1)
+    step = max(1, 4096 // flat.element_size())
+    return float(flat[::step].sum()) if flat.numel() else 0.0
+
+
 def _cpu_s() -> float:
     """CPU seconds of this process and of its reaped children (the loader's workers, once joined)."""
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -188,16 +200,17 @@ def _cpu_s() -> float:
 
 
 def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str,
-                 sizes: dict[str, int]) -> tuple[float, float]:
+                 sizes: dict[str, int], transport: str = "shm", arena_mb: int = 32) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the main process and its workers, worker start-up included)."""
     cpu0 = _cpu_s()
     ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared
     go = ctx.Event()
     ds = Reads(cohort, ids, workers, go, deliver, sizes)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                         prefetch_factor=4 if workers else None,
-                                         multiprocessing_context=ctx if workers else None,
-                                         worker_init_fn=_worker_init if workers else None)
+    loader = ShmDataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                           prefetch_factor=4 if workers else None,
+                           multiprocessing_context=ctx if workers else None,
+                           worker_init_fn=_worker_init if workers else None, transport=transport,
+                           arena_mb=arena_mb)
     it = iter(loader)
     for _ in range(workers):
         next(it)
@@ -205,6 +218,8 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str,
     go.set()
     rows = 0
     for s in it:
+        if not isinstance(s, int):
+            touch(s.features)  # the consumer reads what it gets (torch's path maps pages lazily)
         rows += s if isinstance(s, int) else len(s.positions)
     secs = time.perf_counter() - t0
     assert rows == sum(sizes[s] for s in ids)  # every slide arrived, whole
@@ -220,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--reads", type=int, default=1000, help="random slides read per measurement")
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values, comma-separated")
+    ap.add_argument("--transport", default="shm", choices=["shm", "torch"],
+                    help="how workers send slides (data.transport): training's default shm arenas, or torch's path")
+    ap.add_argument("--arena-mb", type=int, default=32,
+                    help="MiB per worker arena (data.arena_mb): enough for the prefetched slides, so the ring's pages "
+                         "are touched once per cell, as once per run in training")
     ap.add_argument("--repeats", type=int, default=5, help="runs per cell; the median and the best are reported")
     ap.add_argument("--crop", action="store_true", help="add cells that read one view window per slide "
                     "(SlideReader.read_rows), as training's views do")
@@ -285,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         cells += [("hdf5", via_h5, "count"), ("store", via_store, "count"), ("none", via_store, "transfer")]
     runs: dict[str, list[float]] = {}
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
-    fixed_cpu = {nw: statistics.median(timed_loader(via_store, [], nw, "slide", sizes)[1] for _ in range(3))
+    fixed_cpu = {nw: statistics.median(timed_loader(via_store, [], nw, "slide", sizes, args.transport, args.arena_mb)[1] for _ in range(3))
                  for nw in workers}
     for nw in workers:
         for _ in range(args.repeats):
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     if cache == "cold":
                         evict(files)
                     key = f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
-                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes)
+                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport, args.arena_mb)
                     runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw]))
     results: dict[str, dict] = {}
     for key, pairs in runs.items():
@@ -323,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                    "hdf5_bytes": int(sum(p.stat().st_size for p in h5_files)),
                    "store_bytes": int(sum(p.stat().st_size for p in store_files))},
         "reads": len(ids),
+        "transport": args.transport,
+        "arena_mb": args.arena_mb,
         "crop_cells": {"window_cells": CROP} if args.crop else None,
         "bytes_per_pass": read_bytes,
         "repeats": args.repeats,

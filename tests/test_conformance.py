@@ -383,6 +383,12 @@ def test_position_options_refuse_features_only(tmp_path):
                 ("mean", "abmil", "perceiver")):
         assert position_options(cfg) == []
         require_positions(cfg, c)
+    setvit = {"model": {"aggregator": {"name": "vit", "pos": "none", "peg": 0}},
+              "data": {"tokens": "whole", "views": {"crop": "share"}}}
+    assert position_options(setvit) == []  # a set model on share crops: what recipe=slidefm_bags trains
+    require_positions(setvit, c)
+    for kw in ({"pos": "none", "peg": 3}, {"pos": "alibi", "peg": 0}):
+        assert position_options({"model": {"aggregator": {"name": "vit", **kw}}}) != []
     crop = {"model": {"aggregator": {"name": "abmil"}}, "data": {"tokens": "crop", "views": {"n_global": 2}}}
     assert position_options(crop) == ["data.tokens=crop (grid crops)", "data.views (grid crops and block masks)"]
     assert position_options(crop, training=False) == []  # export encodes whole slides
@@ -458,7 +464,27 @@ def test_house_recipe_refuses_features_only_cohort_in_one_line(features_only_run
     assert "\n" not in msg, msg
     assert msg.startswith("model.aggregator=vit (2-D RoPE/ALiBi and grid PEG), data.views (grid crops and block "
                           "masks) need patch coordinates, but slide S00 (features/S00.pt) has none"), msg
+    assert "recipe=slidefm_bags" in msg
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bags_recipe_pretrains_on_features_only_bags_and_exports(features_only_run, tmp_path):
+    """recipe=slidefm_bags on CLAM pt_files without coordinates: masked self-distillation on share crops
+    (the contrast pairs with expression here), a checkpoint, and slide embeddings with the mean path."""
+    from slidefm.train.run import train
+
+    root, _ = features_only_run
+    tiny = ["model.aggregator.dim=32", "model.aggregator.depth=1", "model.aggregator.heads=2", "model.embed_dim=32",
+            "model.case.depth=1", "model.case.heads=2", "objectives.distillation.out_dim=64",
+            "objectives.distillation.hidden_dim=64", "objectives.distillation.bottleneck_dim=32",
+            "model.expression.hidden_dims=[32]"]
+    out = train(compose_cfg("slidefm_bags", root, tmp_path / "run", *tiny, "trainer.max_steps=3"))
+    assert out["global_step"] == 3
+    dest = tmp_path / "slide.h5ad"
+    assert main(["export", "--checkpoint", out["checkpoint"], "--cohort", str(root), "--out", str(dest),
+                 "--level", "slide", "--device", "cpu", "--no-progress"]) == 0
+    a = anndata.read_h5ad(dest)
+    assert a.shape == (24, 32 + 1024) and np.isfinite(a.X).all()  # learned part, then the mean input
 
 
 # --------------------------------------------------------------------------- real size

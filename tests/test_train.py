@@ -14,6 +14,9 @@ TINY_VIT = ["model.aggregator.dim=32", "model.aggregator.depth=1", "model.aggreg
 TINY = {
     "slidefm": [*TINY_VIT, "model.embed_dim=32", "model.case.depth=1", "model.case.heads=2",
                 "objectives.distillation.out_dim=64", "objectives.distillation.hidden_dim=64", "objectives.distillation.bottleneck_dim=32", "model.expression.hidden_dims=[32]"],
+    "slidefm_bags": [*TINY_VIT, "model.embed_dim=32", "model.case.depth=1", "model.case.heads=2",
+                     "objectives.distillation.out_dim=64", "objectives.distillation.hidden_dim=64",
+                     "objectives.distillation.bottleneck_dim=32", "model.expression.hidden_dims=[32]"],
     "mstar": ["model.aggregator.dim=32", "model.embed_dim=32", "model.aggregator.heads=2",
               "model.expression.hidden_dims=[32]", "data.max_tokens=256"],
     "threads": ["model.aggregator.dim=32", "model.aggregator.hidden=32", "model.aggregator.attn_dim=16",
@@ -54,7 +57,7 @@ def losses(run_dir, key="train/loss") -> list[float]:
 
 
 def cfg_has_distillation(recipe: str) -> bool:
-    return recipe in ("slidefm", "titan", "moozy_stage1")
+    return recipe in ("slidefm", "slidefm_bags", "titan", "moozy_stage1")
 
 
 @pytest.mark.parametrize("recipe", list(TINY))

@@ -220,3 +220,64 @@ def test_augmentations_change_vit_output(pos):
             torch.testing.assert_close(out, base, atol=1e-5, rtol=1e-5)
         else:
             assert (out - base).abs().max() > 1e-5, t
+
+
+# --------------------------------------------------------------------------- share crops (no positions)
+
+
+def test_share_crop_sizes_follow_the_slide_and_the_cap():
+    from slidefm.data.views import share_crop
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 38, 500):
+        for idx in share_crop(n, (0.1, 0.4), 10**6, rng, count=50):
+            assert 1 <= len(idx) <= n and len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)
+            assert len(idx) == 1 or 0.1 * n - 0.5 <= len(idx) <= 0.4 * n + 0.5
+    sizes = [len(i) for i in share_crop(500, (0.5, 1.0), 64, rng, count=20)]
+    assert max(sizes) == 64  # capped (local_size**2 / global_size**2 in views)
+
+
+def test_random_mask_is_exact_and_unstructured():
+    from slidefm.data.views import random_mask
+
+    rng = np.random.default_rng(1)
+    for n in (1, 10, 333):
+        for _ in range(20):
+            m = random_mask(n, rng, (0.1, 0.5))
+            assert m.dtype == bool and len(m) == n and round(0.1 * n) <= m.sum() <= round(0.5 * n)
+    assert random_mask(40, rng, 0.25).sum() == 10
+    # every token gets masked sometimes: no spatial block structure needed
+    hits = sum(random_mask(40, rng, 0.25).astype(int) for _ in range(200))
+    assert hits.min() > 0
+
+
+def test_share_views_need_no_positions():
+    """crop=share on a features-only bag (all-zero positions): views differ in size relative to the
+    slide, locals are smaller than globals, masks are random and only on globals, rows are real rows."""
+    rng = np.random.default_rng(2)
+    n = 38  # the median HIPT region bag: a 16-cell grid window would be the whole slide
+    feats = rng.standard_normal((n, 8)).astype(np.float32)
+    cfg = ViewConfig(crop="share", n_global=2, n_local=4, global_size=16, local_size=8, mask_prob=1.0)
+    sizes = {"global": [], "local": []}
+    for s in range(30):
+        v = make_views(feats, np.zeros((n, 2), np.int64), cfg, np.random.default_rng(s))
+        for view in v:
+            sizes[view.kind].append(len(view.indices))
+            assert np.array_equal(view.features, feats[view.indices]) and not view.positions.any()
+            assert view.token_mask.any() == (view.kind == "global")
+    assert min(sizes["global"]) >= round(0.5 * n) and max(sizes["global"]) <= n
+    assert max(sizes["local"]) <= round(0.4 * n) and min(sizes["local"]) >= round(0.1 * n)
+    # with grid crops every view of this slide would hold all its tokens
+    grid = make_views(feats, np.stack([np.arange(n) % 7, np.arange(n) // 7], 1), ViewConfig(
+        global_size=16, local_size=8, n_local=4), np.random.default_rng(0))
+    assert {len(v.indices) for v in grid} == {n}
+
+
+@pytest.mark.parametrize("bad", [{"global_scale": (0.0, 1.0)}, {"local_scale": (0.5, 0.2)},
+                                 {"local_scale": (0.1, 1.5)}, {"crop": "circle"}])
+def test_check_views_names_the_option(bad):
+    from slidefm.data.views import check_views
+    from slidefm.registry import OptionError
+
+    with pytest.raises(OptionError, match="data.views." + next(iter(bad))):
+        check_views(ViewConfig(**bad))

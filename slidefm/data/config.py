@@ -22,6 +22,12 @@ class DataConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     persistent_workers: bool = field(default=True, metadata={
         "help": "keep training workers alive across epochs (with num_workers > 0) instead of restarting them"})
+    transport: Literal["shm", "torch"] = field(default="shm", metadata={
+        "help": "how workers send batches: shm (a reused shared-memory arena per worker, handed out without a "
+                "copy) or torch (a new shared-memory segment per tensor)"})
+    arena_mb: int = field(default=256, metadata={
+        "help": "MiB of each worker's arena (transport=shm): shared memory that stays mapped for the run (up to "
+                "num_workers x arena_mb); a batch that does not fit goes torch's way"})
     max_slides_per_patient: int = field(
         default=1, metadata={"help": "slides drawn per patient per step (1 avoids same-patient negatives)"}
     )

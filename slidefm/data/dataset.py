@@ -79,6 +79,10 @@ class PatientDataset(Dataset):
         self.slide_tokens = slide_tokens
         if not slide_tokens and cfg.views is None:
             raise ValueError("slide_tokens=False needs data.views: the items would hold no tokens at all")
+        if cfg.views is not None:
+            from slidefm.data.views import check_views
+
+            check_views(cfg.views)
 
     def __len__(self) -> int:
         return len(self.patient_ids)

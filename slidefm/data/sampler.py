@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
+
+from slidefm.data.transport import ShmDataLoader
 
 __all__ = ["ResumableSampler", "ResumableDataLoader"]
 
@@ -126,7 +128,7 @@ class ResumableSampler(DistributedSampler):
         self.advance(int(state["consumed"]))
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(ShmDataLoader):
     """DataLoader over a :class:`ResumableSampler` whose position is saved in checkpoints.
 
     Each batch handed out advances the sampler by ``batch_size * num_replicas`` samples before

@@ -15,7 +15,7 @@ noise, feature dropout, stain jitter) and token dropout change the input for eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -23,10 +23,12 @@ __all__ = [
     "View",
     "ViewConfig",
     "block_mask",
+    "check_views",
     "dihedral",
     "feature_dropout",
     "gaussian_noise",
     "SlideViews",
+    "share_crop",
     "ViewPlan",
     "finish_views",
     "make_views",
@@ -34,6 +36,7 @@ __all__ = [
     "plan_views",
     "random_crop",
     "random_dihedral",
+    "random_mask",
     "region_crop",
     "stain_jitter",
     "subsample",
@@ -84,6 +87,30 @@ def tissue_window_counts(positions: np.ndarray, size: int) -> np.ndarray:
     table[pos[:, 0] - lo[0] + 1, pos[:, 1] - lo[1] + 1] = 1  # a cell is tissue once, however many rows name it
     table = table.cumsum(0).cumsum(1)
     return table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]
+
+
+def share_crop(
+    n: int, scale: tuple[float, float], cap: int, rng: np.random.Generator, count: int = 1
+) -> list[np.ndarray]:
+    """``count`` random subsets of a slide's ``n`` tokens (sorted indices), each a share drawn uniformly in
+    ``scale`` of the slide (at least one token, at most ``cap``): crops relative to the slide's size that
+    need no positions (features-only bags; slides far smaller than a grid window)."""
+    lo, hi = scale
+    out = []
+    for _ in range(count):
+        k = int(np.clip(round(float(rng.uniform(lo, hi)) * n), 1, max(1, min(n, cap))))
+        out.append(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
+    return out
+
+
+def random_mask(n: int, rng: np.random.Generator, ratio: tuple[float, float] | float) -> np.ndarray:
+    """iBOT's random mask: boolean (n,), exactly round(r * n) tokens True for r drawn uniformly in ``ratio``
+    (for views without a grid, where blocks have no meaning)."""
+    lo_r, hi_r = (ratio, ratio) if np.isscalar(ratio) else ratio
+    r = float(rng.uniform(lo_r, hi_r)) if hi_r > lo_r else float(lo_r)
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=int(round(r * n)), replace=False)] = True
+    return mask
 
 
 def region_crop(
@@ -270,10 +297,18 @@ def stain_jitter(features: np.ndarray, strength: float, rng: np.random.Generator
 class ViewConfig:
     """How one slide becomes the global and local crops of masked self-distillation."""
 
+    crop: Literal["grid", "share"] = field(default="grid", metadata={
+        "help": "how a view is cut: grid: a square window of global_size/local_size cells, block-masked; share: "
+                "a random share of the slide's tokens (global_scale/local_scale, at most global_size**2/local_size**2 "
+                "tokens), randomly masked, needing no positions (features-only bags, slides of a few dozen patches)"})
     n_global: int = field(default=2, metadata={"help": "global crops per slide"})
     global_size: int = field(default=20, metadata={"help": "global crop side in grid cells"})
     n_local: int = field(default=4, metadata={"help": "local crops per slide"})
     local_size: int = field(default=12, metadata={"help": "local crop side in grid cells"})
+    global_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={
+        "help": "crop=share: range of the share of the slide's tokens in a global view"})
+    local_scale: tuple[float, float] = field(default=(0.1, 0.4), metadata={
+        "help": "crop=share: range of the share of the slide's tokens in a local view"})
     mask_ratio: tuple[float, float] = field(default=(0.1, 0.5), metadata={"help": "block-mask ratio range"})
     mask_prob: float = field(default=0.5, metadata={"help": "probability that a global crop is masked"})
     min_block: int = field(default=4, metadata={"help": "smallest mask block in cells"})
@@ -287,6 +322,17 @@ class ViewConfig:
     dihedral: bool = field(
         default=False, metadata={"help": "random flip/rot90/transpose of the grid (no-op for ALiBi)"}
     )
+
+
+def check_views(cfg: ViewConfig) -> None:
+    """OptionError naming the ``data.views`` option that is out of range (before any work starts)."""
+    from slidefm.registry import OptionError, check_choices
+
+    check_choices(cfg, "data.views.", ViewConfig)
+    for name in ("global_scale", "local_scale"):
+        lo, hi = (float(v) for v in getattr(cfg, name))
+        if not 0 < lo <= hi <= 1:
+            raise OptionError(f"data.views.{name} must be a range 0 < low <= high <= 1, got [{lo}, {hi}]")
 
 
 @dataclass
@@ -333,23 +379,33 @@ class ViewPlan:
 def plan_views(positions: np.ndarray, cfg: ViewConfig, rng: np.random.Generator) -> list[ViewPlan]:
     """The rows, positions and masks of ``cfg.n_global`` global and ``cfg.n_local`` local views.
 
-    Per view: region crop -> ``max_tokens`` subsample -> token dropout -> block mask (global views,
-    with probability ``cfg.mask_prob``; local views never) -> grid transform. Only positions are
+    Per view: crop (a grid window, or with ``crop=share`` a share of the tokens) -> ``max_tokens``
+    subsample -> token dropout -> mask (global views, with probability ``cfg.mask_prob``; local views
+    never; block mask on the grid, random mask for shares) -> grid transform. Only positions are
     needed, so a reader can fetch just the union of the views' rows (:func:`plan_rows`).
     """
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions) == 0:
         raise ValueError("cannot make views of a slide without tokens")
+    share = cfg.crop == "share"
     plans: list[ViewPlan] = []
     for kind, n, size in (("global", cfg.n_global, cfg.global_size), ("local", cfg.n_local, cfg.local_size)):
         if n <= 0:
             continue
-        for idx, pos in region_crop(positions, size, rng, cfg.min_tissue, n=n):
+        if share:
+            scale = cfg.global_scale if kind == "global" else cfg.local_scale
+            lo = positions.min(0)
+            crops = [(i, positions[i] - lo) for i in share_crop(len(positions), scale, size * size, rng, n)]
+        else:
+            crops = region_crop(positions, size, rng, cfg.min_tissue, n=n)
+        for idx, pos in crops:
             masked = kind == "global" and cfg.mask_prob > 0 and rng.random() < cfg.mask_prob
             keep = subsample(len(idx), cfg.max_tokens, rng)
             keep = keep[token_dropout(len(keep), cfg.token_dropout, rng)]
             idx, pos = idx[keep], pos[keep]
-            if masked:
+            if masked and share:
+                m = random_mask(len(idx), rng, cfg.mask_ratio)
+            elif masked:
                 m = block_mask(pos, rng, cfg.mask_ratio, min_block=cfg.min_block)
             else:
                 m = np.zeros(len(idx), dtype=bool)

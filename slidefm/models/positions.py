@@ -38,13 +38,14 @@ def position_options(cfg: Any, training: bool = True) -> list[str]:
     if agg is not None:
         # An unregistered name counts as needing positions: refusing is safer than feeding zeros.
         cls = AGGREGATORS.get(str(agg)) if str(agg) in AGGREGATORS.names() else None
-        if cls is None or cls.uses_positions:
+        if cls is None or cls.needs_positions(_get(cfg, "model", "aggregator")):
             why = getattr(cls, "positions_for", None)
             out.append(f"model.aggregator={agg}" + (f" ({why})" if why else ""))
     if training:
         if _get(cfg, "data", "tokens") == "crop":
             out.append("data.tokens=crop (grid crops)")
-        if _get(cfg, "data", "views") is not None:
+        views = _get(cfg, "data", "views")
+        if views is not None and (_get(views, "crop") or "grid") == "grid":
             out.append("data.views (grid crops and block masks)")
     return out
 
@@ -61,5 +62,5 @@ def require_positions(cfg: Any, cohort, training: bool = True) -> None:
     raise SlidefmError(
         f"{', '.join(options)} need{'s' if len(options) == 1 else ''} patch coordinates, but slide {sid} "
         f"({cohort.display(cohort.slide_path(sid))}) has none (a features-only bag); use a position-free "
-        f"aggregator ({', '.join(position_free_aggregators())}) without data.views or data.tokens=crop, "
-        "e.g. recipe=threads")
+        f"aggregator ({', '.join(position_free_aggregators())}, or vit with pos=none peg=0) and data.views.crop=share "
+        "instead of data.tokens=crop, e.g. recipe=slidefm_bags")

@@ -34,5 +34,10 @@ class Aggregator(nn.Module):
     uses_positions: bool = True
     positions_for: str | None = None  # what reads them, for the refusal message
 
+    @classmethod
+    def needs_positions(cls, cfg) -> bool:
+        """Whether this aggregator reads positions under ``cfg`` (its config node); options may switch them off."""
+        return cls.uses_positions
+
     def forward(self, x: PackedSlides) -> AggregatorOutput:  # pragma: no cover - interface
         raise NotImplementedError

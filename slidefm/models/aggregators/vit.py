@@ -30,9 +30,9 @@ class ViTConfig:
     depth: int = field(default=6, metadata={"help": "transformer blocks"})
     heads: int = field(default=6, metadata={"help": "attention heads"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width as a multiple of dim"})
-    pos: Literal["rope", "alibi"] = field(default="rope", metadata={
-        "help": "relative position term of attention on grid cells: 2-D RoPE (signed offsets) or 2-D ALiBi "
-                "(distance only)"})
+    pos: Literal["rope", "alibi", "none"] = field(default="rope", metadata={
+        "help": "relative position term of attention on grid cells: 2-D RoPE (signed offsets), 2-D ALiBi "
+                "(distance only) or none (a set model: with peg=0 it needs no positions)"})
     num_registers: int = field(default=0, metadata={"help": "register tokens per slide beside the CLS"})
     drop_path: float = field(default=0.0, metadata={
         "help": "max stochastic-depth rate (linear over depth), drawn per slide"})
@@ -55,6 +55,11 @@ class ViTConfig:
 @AGGREGATORS.register("vit", config=ViTConfig)
 class ViTAggregator(Aggregator):
     positions_for = "2-D RoPE/ALiBi and grid PEG"
+
+    @classmethod
+    def needs_positions(cls, cfg) -> bool:
+        get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+        return get("pos", "rope") != "none" or bool(get("peg", 0))
 
     def __init__(self, cfg: ViTConfig, *, in_dim: int):
         super().__init__()

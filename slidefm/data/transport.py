@@ -1,0 +1,206 @@
+"""Worker -> main-process transfer of batches through one reused shared-memory arena per worker.
+
+Torch's DataLoader moves every tensor of a worker's batch into a fresh shared-memory segment, which the
+main process then maps: a segment, an fd, and a page fault per 4 KiB page on both sides, for every tensor
+of every batch. On a 2-core machine that caps 1.5 MB slides at ~600/s from two workers, below what the
+packed store reads (benchmarks/io.py). :class:`ShmDataLoader` gives each worker an anonymous shared
+mapping made once, before the workers fork: a worker copies the arrays of its collated batch into its
+arena and sends small :class:`ArenaRef` records instead; the main process hands out tensors that are views
+of the arena (no copy) and frees their space when their storage is freed. Pages are faulted once per run, not per batch.
+
+Flow control needs no locks between processes. A worker allocates its arena as a ring in the order it
+produces batches, and the DataLoader hands one worker's batches out in that same order, so the main process
+only publishes how far the space is free (``tail``, in the arena's header): up to the end of the oldest
+tensor still alive. A batch that does not fit (larger than the arena, or while batches a consumer holds
+fill it) goes the ordinary torch way, so nothing ever waits, and batches an abandoned iterator never read
+are reclaimed when a later one is released. Fork start method only
+(Linux's default): other contexts, ``num_workers=0`` and ``transport="torch"`` use torch's path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import multiprocessing as mp
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+__all__ = ["ArenaRef", "ShmDataLoader", "ShmCollate"]
+
+_HEADER = 64  # bytes: the main process's read position (int64) at offset 0, cache-line padded
+_ALIGN = 64
+MIN_BYTES = 64 * 1024  # smaller numpy arrays are cheap to pickle
+
+
+@dataclass(frozen=True)
+class ArenaRef:
+    """Where one array of a batch lies in a worker's arena."""
+
+    worker: int
+    offset: int  # from the start of the arena's data area
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+    torch: bool  # rebuild as a torch tensor (else a numpy array)
+    end: int  # the worker's ring position after this allocation (bytes ever allocated)
+
+
+class _Arena:
+    """An anonymous shared mapping: header + ``size`` data bytes, inherited by forked workers.
+
+    Worker side: ``alloc`` (a ring over the data bytes). Main side: ``hand_out``/``release`` keep the refs
+    read from this worker in arrival order (= allocation order) and move ``tail`` over the released prefix.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.buf = mmap.mmap(-1, _HEADER + size, flags=mmap.MAP_SHARED)
+        self.tail = np.ndarray((1,), np.int64, self.buf, 0)  # written by the main process only
+        self.data = np.ndarray((size,), np.uint8, self.buf, _HEADER)
+        self.head = 0  # worker-side ring position (each worker process has its own copy)
+        self._out: deque[int] = deque()  # main side: ends of the refs handed out, oldest first
+        self._done: set[int] = set()
+        self._lock = threading.Lock()  # finalizers run in whichever thread drops a batch
+
+    def alloc(self, nbytes: int) -> tuple[int, int] | None:
+        """(offset, end) for ``nbytes`` contiguous bytes, or None when they do not fit now."""
+        n = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)  # > 0: every ref has its own end
+        pos = self.head % self.size
+        skip = self.size - pos if pos + n > self.size else 0  # never split an array across the wrap
+        if n > self.size or self.head + skip + n - int(self.tail[0]) > self.size:
+            return None
+        self.head += skip + n
+        return (0 if skip else pos), self.head
+
+    def hand_out(self, end: int) -> None:
+        with self._lock:
+            self._out.append(end)
+
+    def release(self, end: int) -> None:
+        with self._lock:
+            self._done.add(end)
+            tail = None
+            while self._out and self._out[0] in self._done:
+                tail = self._out.popleft()
+                self._done.discard(tail)
+            if tail is not None and tail > int(self.tail[0]):
+                self.tail[0] = tail
+
+
+class ShmCollate:
+    """Wraps a collate function: in a worker, large arrays of its output go into the worker's arena."""
+
+    def __init__(self, collate, arenas: list[_Arena], min_bytes: int = MIN_BYTES):
+        self.collate, self.arenas, self.min_bytes = collate, arenas, min_bytes
+
+    def __call__(self, items):
+        out = self.collate(items)
+        info = get_worker_info()
+        if info is None or info.id >= len(self.arenas):
+            return out
+        return _walk(out, lambda a: self._put(info.id, a))
+
+    def _put(self, worker: int, a):
+        if isinstance(a, ArenaRef):
+            return a
+        is_torch = isinstance(a, torch.Tensor)
+        if is_torch and (a.requires_grad or a.device.type != "cpu" or a.is_sparse):
+            return a
+        arr = a.numpy() if is_torch else a
+        # Every tensor goes in (torch's path costs a segment per tensor, and shares the whole storage of
+        # a small view); small numpy arrays are cheaper to pickle.
+        if arr.dtype.hasobject or (not is_torch and arr.nbytes < self.min_bytes):
+            return a
+        got = self.arenas[worker].alloc(arr.nbytes)
+        if got is None:
+            return a  # does not fit: torch's own path
+        offset, end = got
+        dst = self.arenas[worker].data[offset: offset + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+        np.copyto(dst, arr, casting="no")
+        return ArenaRef(worker, offset, tuple(arr.shape), arr.dtype.str, is_torch, end)
+
+
+def _walk(obj, fn):
+    """``obj`` with every tensor / numeric ndarray replaced by ``fn(it)`` (dataclasses, dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor) or (isinstance(obj, np.ndarray) and obj.dtype != object):
+        return fn(obj)
+    if isinstance(obj, ArenaRef):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _walk(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, dict):
+        return type(obj)((k, _walk(v, fn)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_walk(v, fn) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_walk(v, fn) for v in obj)
+    return obj
+
+
+class ShmDataLoader(DataLoader):
+    """A DataLoader whose workers send large arrays through per-worker shared-memory arenas.
+
+    ``transport``: ``"shm"`` (the arenas, ``arena_mb`` MiB per worker) or ``"torch"`` (torch's path).
+    Same batches either way; only how they cross the process boundary differs.
+    """
+
+    def __init__(self, *args: Any, transport: str = "shm", arena_mb: int = 256, **kwargs: Any) -> None:
+        if transport not in ("shm", "torch"):
+            raise ValueError(f"transport must be 'shm' or 'torch', got {transport!r}")
+        if isinstance(kwargs.get("collate_fn"), ShmCollate):  # rebuilt from a built loader's attributes
+            kwargs["collate_fn"] = kwargs["collate_fn"].collate
+        super().__init__(*args, **kwargs)
+        ctx = self.multiprocessing_context or mp.get_context()
+        method = ctx if isinstance(ctx, str) else ctx.get_start_method()
+        self._arenas: list[_Arena] = []  # shared with the collate wrapper, which forked workers inherit
+        self._arena_bytes = arena_mb << 20
+        self.transport = transport if (self.num_workers > 0 and method == "fork" and arena_mb > 0) else "torch"
+        if self.transport == "shm":
+            self.collate_fn = ShmCollate(self.collate_fn, self._arenas)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.transport != "shm":
+            yield from super().__iter__()
+            return
+        if not (self.persistent_workers and self._iterator is not None):
+            # Fresh workers get fresh arenas: workers of an abandoned iterator may still be filling the old ones.
+            # (The old mappings go when nothing refers to them.)
+            self._arenas[:] = [_Arena(self._arena_bytes) for _ in range(self.num_workers)]
+        for batch in super().__iter__():
+            yield self._take(batch)
+
+    def _take(self, batch):
+        """Rebuild a worker's batch. Tensors are views of the arena (no copy) whose space is released when
+        their storage is freed; numpy arrays are copies, released at once. (Torch's pin-memory thread, when
+        on, sees what it saw before: it pins tensors in dicts/lists/tuples, not ``ArenaRef`` records, and
+        slidefm's batches are dataclasses, which it never pinned.)"""
+        copied: list[tuple[_Arena, int]] = []
+
+        def rebuild(ref):
+            if not isinstance(ref, ArenaRef):
+                return ref
+            arena = self._arenas[ref.worker]
+            dt = np.dtype(ref.dtype)
+            n = int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize
+            src = arena.data[ref.offset: ref.offset + n].view(dt).reshape(ref.shape)
+            arena.hand_out(ref.end)
+            if ref.torch:
+                # torch's storage holds ``src`` (the object passed) for as long as any view of the tensor
+                # lives, so ``src`` dying is the moment nothing reads this space any more.
+                t = torch.from_numpy(src)
+                weakref.finalize(src, arena.release, ref.end)
+                return t
+            copied.append((arena, ref.end))
+            return src.copy()  # numpy views would outlive ``src`` (their base is the mapping)
+
+        out = _walk(batch, rebuild)
+        for arena, end in copied:
+            arena.release(end)
+        return out

@@ -1,0 +1,158 @@
+"""The shared-memory worker transport: the same batches as torch's path, ring reuse, fallbacks, no deadlock."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from slidefm.data.transport import ArenaRef, ShmDataLoader, _Arena
+
+
+@dataclasses.dataclass
+class Item:
+    sid: str
+    features: torch.Tensor
+    positions: np.ndarray
+    small: torch.Tensor
+
+
+class Slides(torch.utils.data.Dataset):
+    """Items of varied size (some above, some below the arena threshold), keyed by index only."""
+
+    def __init__(self, n=40, big=1000):
+        self.n, self.big = n, big
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        rows = int(rng.integers(1, self.big))
+        return Item(f"s{i}", torch.from_numpy(rng.standard_normal((rows, 64)).astype(np.float32)),
+                    rng.integers(0, 50, (rows, 2)), torch.arange(3) + i)
+
+
+def collate(items):
+    return {"ids": [it.sid for it in items], "features": torch.cat([it.features for it in items]),
+            "positions": np.concatenate([it.positions for it in items]), "small": [it.small for it in items],
+            "pair": (torch.ones(70_000, dtype=torch.float16) * len(items), 7)}
+
+
+def batches(loader, epochs=2):
+    out = []
+    for _ in range(epochs):
+        out.extend(list(loader))
+    return out
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return a == b
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_shm_batches_equal_torch_and_in_process(persistent):
+    ds = Slides()
+    ref = batches(ShmDataLoader(ds, batch_size=4, collate_fn=collate, num_workers=0))
+    torch_path = ShmDataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2, transport="torch",
+                               persistent_workers=persistent)
+    shm = ShmDataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2, persistent_workers=persistent)
+    assert torch_path.transport == "torch" and shm.transport == "shm"
+    got_torch, got_shm = batches(torch_path), batches(shm)
+    assert len(ref) == len(got_torch) == len(got_shm) == 20
+    for a, b, c in zip(ref, got_torch, got_shm):
+        assert same(a, b) and same(a, c)
+        assert not any(isinstance(v, ArenaRef) for v in c.values())
+    arenas = list(shm._arenas)
+
+    def in_arena(t):
+        return any(a.data.ctypes.data <= t.data_ptr() < a.data.ctypes.data + a.size for a in arenas)
+
+    # the last epoch's batches are views of the current arenas (non-persistent workers got new ones per epoch)
+    assert all(in_arena(c["features"]) and in_arena(c["pair"][0]) for c in got_shm[10:])  # views, not copies
+    assert all(isinstance(c["positions"], np.ndarray) for c in got_shm)
+    assert all(int(a.tail[0]) == 0 for a in arenas)  # every batch is still held: nothing released
+    del got_shm, a, b, c
+    gc.collect()
+    assert all(int(a.tail[0]) > 0 for a in arenas)  # both workers' batches came through their arenas, now free
+
+
+def test_held_batches_are_never_overwritten():
+    """Tensors are views of the arena: while a consumer holds them, later batches must go elsewhere
+    (the rest of the ring, or torch's path when it is full), and their values never change."""
+    ds = Slides(n=48, big=3000)
+    ref = batches(ShmDataLoader(ds, batch_size=2, collate_fn=collate, num_workers=0), epochs=3)
+    loader = ShmDataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2, arena_mb=1,
+                           persistent_workers=True, prefetch_factor=2)
+    held = list(loader)  # epoch 1, all held
+    rest = []
+    for b in loader:  # epoch 2, each dropped at once (ring reuse), and epoch 3 held again
+        rest.append(same(b, ref[len(held) + len(rest)]))
+    held3 = list(loader)
+    assert all(rest) and len(rest) == 24
+    assert all(same(a, b) for a, b in zip(ref[:24], held))  # epoch 1 unchanged after two more epochs
+    assert all(same(a, b) for a, b in zip(ref[48:], held3))
+
+
+def test_unbatched_items_and_dataclasses():
+    ds = Slides(n=12)
+    got = list(ShmDataLoader(ds, batch_size=None, num_workers=2))
+    want = [ds[i] for i in range(12)]
+    assert all(same(a, b) for a, b in zip(want, got))
+
+
+def test_small_arena_falls_back_per_batch():
+    """Batches larger than the arena, or arriving while it is full, go torch's way: same batches."""
+    ds = Slides(n=24, big=6000)  # up to ~1.5 MB of features per item
+    ref = batches(ShmDataLoader(ds, batch_size=2, collate_fn=collate, num_workers=0))
+    got = batches(ShmDataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2, arena_mb=1,
+                                persistent_workers=True, prefetch_factor=4))
+    assert all(same(a, b) for a, b in zip(ref, got)) and len(got) == len(ref)
+
+
+def test_abandoned_epoch_does_not_block_the_next():
+    """A persistent loader left mid-epoch (its prefetched batches never read) still delivers every
+    later epoch in full: unread space is reclaimed by the next read, and a full arena never waits."""
+    ds = Slides(n=60, big=3000)
+    loader = ShmDataLoader(ds, batch_size=3, collate_fn=collate, num_workers=2, arena_mb=2,
+                           persistent_workers=True, prefetch_factor=4)
+    ref = list(ShmDataLoader(ds, batch_size=3, collate_fn=collate, num_workers=0))
+    for stop in (2, 5, 1):
+        for i, _ in enumerate(loader):
+            if i == stop:
+                break
+        got = list(loader)
+        assert len(got) == len(ref) and all(same(a, b) for a, b in zip(ref, got))
+
+
+def test_arena_ring_allocation():
+    a = _Arena(1024)
+    assert a.alloc(100) == (0, 128)  # 64-byte aligned
+    assert a.alloc(600) == (128, 768)
+    assert a.alloc(300) is None  # would pass the unread tail (0): 768 + 256 (wrap skip) + 320 > 1024
+    a.tail[0] = 128  # the first array was read
+    assert a.alloc(100) == (768, 896)
+    assert a.alloc(200) is None  # 128 left at the end, 128 free at the start: no split across the wrap
+    a.tail[0] = 896
+    assert a.alloc(200) == (0, 1024 + 256)  # skips the 128-byte end, starts over at 0
+    assert a.alloc(2000) is None  # larger than the arena: never fits
+
+
+def test_transport_option_is_checked():
+    with pytest.raises(ValueError, match="transport must be"):
+        ShmDataLoader(Slides(), transport="pipe")
+    # no workers: nothing to transport
+    assert ShmDataLoader(Slides(), num_workers=0).transport == "torch"
