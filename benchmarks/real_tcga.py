@@ -128,11 +128,48 @@ def sh(cmd: list[str], log_file: Path) -> float:
     return time.perf_counter() - t0
 
 
+STATS = ("mean", "std", "logn", "max")
+
+
+def stats_embedding(parts: list[str], cohort: Path, out: Path) -> None:
+    """Hand-made patient embeddings without training: per slide the concatenation of ``parts`` of its
+    features (mean, std, max per dimension; log of its row count), patients the mean over their slides.
+    A reference for what the learned part must beat: other statistics of the same bags beside the mean."""
+    import anndata as ad
+
+    from slidefm.cohort import Cohort
+
+    c = Cohort.open(cohort, store=False)
+    per_slide = {}
+    for sid in c.slide_ids:
+        x = c.read_slide(sid).features.numpy().astype(np.float64)
+        got = {"mean": x.mean(0), "std": x.std(0), "max": x.max(0), "logn": np.log([len(x)])}
+        per_slide[sid] = np.concatenate([got[p] for p in parts])
+    slides = c.slides.reset_index()
+    by_patient = slides.groupby("patient_id")["slide_id"].apply(list)
+    X = np.stack([np.mean([per_slide[s] for s in by_patient[p]], 0) for p in by_patient.index]).astype(np.float32)
+    a = ad.AnnData(X, obs=pd.DataFrame(index=pd.Index(by_patient.index.astype(str), name="patient_id")))
+    a.uns.update(level="patient", model="stats:" + "+".join(parts))
+    tmp = out.with_name(f"{out.stem}.tmp.h5ad")
+    a.write_h5ad(tmp)
+    os.replace(tmp, out)
+
+
 def run_model(spec: str, cohort: Path, work: Path, overrides: list[str]) -> tuple[Path, dict]:
     """Pretrain (resumes/finishes in place) and export patient embeddings for RECIPE:STEPS[:TAG].
 
-    Paper-sized recipes get quality.py's CPU scaling (widths/depths only) so they pretrain here."""
+    Paper-sized recipes get quality.py's CPU scaling (widths/depths only) so they pretrain here.
+    ``stats:0:mean_std`` (parts of ``STATS`` joined by ``_``) trains nothing: :func:`stats_embedding`."""
     recipe, steps, *tag = spec.split(":")
+    if recipe == "stats":
+        parts = tag[0].split("_") if tag else []
+        if not parts or any(p not in STATS for p in parts):
+            raise SystemExit(f"real_tcga.py: stats runs are stats:0:PARTS with PARTS from {'_'.join(STATS)}")
+        emb = work / "embeddings" / f"stats_{tag[0]}.h5ad"
+        if not emb.exists():
+            emb.parent.mkdir(parents=True, exist_ok=True)
+            stats_embedding(parts, cohort, emb)
+        return emb, {"recipe": "stats", "steps": 0, "overrides": [], "parts": parts}
     overrides = [*CPU_SCALE.get(recipe, []), *overrides]
     name = f"{recipe}_{steps}" + (f"_{tag[0]}" if tag else "")
     run_dir = work / "runs" / name
