@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LABEL_FREE = ["slidefm", "mstar", "threads", "titan", "moozy_stage1"]
+LABEL_FREE = ["slidefm", "slidefm_bags", "mstar", "threads", "titan", "moozy_stage1"]
 # Paper-sized models (6 x 768 ViTs) do not pretrain in minutes on a 2-core CPU: the benchmark
 # scales widths/depths down, keeping every other choice of the recipe.
 CPU_SCALE = {
     "slidefm": [],
+    "slidefm_bags": [],
     "mstar": ["model.aggregator.dim=128", "model.embed_dim=128", "model.aggregator.heads=4", "data.max_tokens=4096"],
     "threads": ["model.aggregator.dim=256", "model.aggregator.hidden=256", "model.embed_dim=256"],
     "titan": ["model.aggregator.dim=128", "model.aggregator.depth=3", "model.aggregator.heads=4", "model.embed_dim=128",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 
@@ -36,10 +37,14 @@ class Slides(torch.utils.data.Dataset):
                     rng.integers(0, 50, (rows, 2)), torch.arange(3) + i)
 
 
+Pair = collections.namedtuple("Pair", "values count")
+
+
 def collate(items):
+    extra = collections.defaultdict(list, lens=torch.tensor([len(it.features) for it in items]))
     return {"ids": [it.sid for it in items], "features": torch.cat([it.features for it in items]),
             "positions": np.concatenate([it.positions for it in items]), "small": [it.small for it in items],
-            "pair": (torch.ones(70_000, dtype=torch.float16) * len(items), 7)}
+            "pair": Pair(torch.ones(70_000, dtype=torch.float16) * len(items), 7), "extra": extra}
 
 
 def batches(loader, epochs=2):
@@ -55,7 +60,7 @@ def same(a, b):
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if dataclasses.is_dataclass(a):

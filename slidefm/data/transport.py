@@ -19,6 +19,7 @@ are reclaimed when a later one is released. Fork start method only
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import mmap
 import multiprocessing as mp
@@ -136,11 +137,17 @@ def _walk(obj, fn):
         changes = {f.name: _walk(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
         return dataclasses.replace(obj, **changes)
     if isinstance(obj, dict):
-        return type(obj)((k, _walk(v, fn)) for k, v in obj.items())
+        new = {k: _walk(v, fn) for k, v in obj.items()}
+        if type(obj) is dict:
+            return new
+        out = copy.copy(obj)  # OrderedDict, defaultdict, ...: same type and settings
+        out.update(new)
+        return out
     if isinstance(obj, list):
         return [_walk(v, fn) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_walk(v, fn) for v in obj)
+    if isinstance(obj, tuple):
+        items = [_walk(v, fn) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
 
 

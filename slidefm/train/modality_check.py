@@ -90,7 +90,7 @@ def fit_to_cohort(cfg: DictConfig, cohort) -> list[str]:
         files = ", ".join(_expected_file(cohort, n) for n in needed if n != "a modality") or "reports/expression"
         raise SlidefmError(
             f"recipe '{cfg.get('recipe', '?')}' has no objective this cohort can feed: it needs {', '.join(needed)} "
-            f"({files} not found); use a recipe with self-distillation (recipe=slidefm, titan, moozy_stage1)")
+            f"({files} not found); use a recipe with self-distillation (recipe=slidefm; slidefm_bags for bags without coordinates; titan, moozy_stage1)")
     for line in lines:
         log.info(line)
     return lines
