@@ -15,6 +15,7 @@ it is not part of this table. Prints JSON and writes benchmarks/results/quality.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -80,17 +81,19 @@ def main(argv=None) -> int:
     for recipe in args.recipes:
         if recipe not in CPU_SCALE:
             raise SystemExit(f"unknown or supervised recipe '{recipe}'; label-free recipes: {LABEL_FREE}")
-        run = root / f"run-{recipe}"
+        # Variants get their own run directory: a run directory resumes, and refuses other settings.
+        name = recipe + ("-" + hashlib.sha1(" ".join(args.override).encode()).hexdigest()[:8] if args.override else "")
+        run = root / f"run-{name}"
         t0 = time.perf_counter()
         hydra_main([f"recipe={recipe}", f"data.cohort={cohort}", f"trainer.max_steps={args.steps}",
                     f"data.num_workers={args.workers}", "trainer.progress_bar=false", f"hydra.run.dir={run}",
                     *CPU_SCALE[recipe], *args.override])
         train_s = time.perf_counter() - t0
         enc = slidefm.load(run / "checkpoints" / "last.ckpt")
-        emb = root / f"patients-{recipe}.h5ad"
+        emb = root / f"patients-{name}.h5ad"
         write_h5ad(enc.embed_patients(str(cohort), ExportConfig(level="patient", num_workers=args.workers,
                                                                 progress=False)), emb)
-        ev = root / f"eval-{recipe}"
+        ev = root / f"eval-{name}"
         res = evaluate(str(emb), str(cohort), out=ev, config=EvalConfig(protocols=["linear_probe", "robustness"],
                                                                          plots=False))
         r = res.results if isinstance(res.results, pd.DataFrame) else pd.read_csv(ev / "results.csv")

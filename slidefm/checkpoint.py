@@ -171,6 +171,52 @@ def build_model(ck: dict[str, Any], path: str | os.PathLike = "checkpoint"):
     return model, cfg
 
 
+# Settings that may change between a run and its resumption: where files are, how data is loaded, how long
+# to train and on what hardware. Anything else would continue a run under settings it was not trained with.
+RESUMABLE_CHANGES = (
+    "run_dir", "tags", "data.cohort", "data.store", "data.num_workers", "data.persistent_workers", "data.transport",
+    "data.arena_mb", "trainer.max_steps", "optim.total_steps", "trainer.progress_bar", "trainer.log_every_n_steps",
+    "trainer.val_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.accelerator", "trainer.devices",
+    "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.grad_checkpointing",
+    "model.aggregator.backend", "model.aggregator.grad_checkpointing",
+)
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_settings(run_dir: str | os.PathLike, config: dict) -> None:
+    """SlidefmError (one line) when ``run_dir`` holds a checkpoint trained with settings other than ``config``
+    (resolved, as written to config.yaml) beyond :data:`RESUMABLE_CHANGES`: the same command in the same
+    directory resumes (a requeued job), a changed one must not silently continue the old run."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    old_file = run_dir / "config.yaml"
+    if resume_checkpoint(run_dir) is None or not old_file.is_file():
+        return
+    old = _flat(OmegaConf.to_container(OmegaConf.load(old_file), resolve=True))
+    new = _flat(config)
+    missing = object()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing)
+                  and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES))
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise SlidefmError(
+            f"{run_dir} holds a run trained with other settings ({shown}{more}); resuming would continue it under "
+            f"settings it was not trained with: use a new hydra.run.dir, or remove {run_dir / 'checkpoints'} to "
+            "start over")
+
+
 def resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """``run_dir/checkpoints/last.ckpt`` when it exists, else None.
 

@@ -91,6 +91,25 @@ def test_typo_in_override_fails_before_running(cohort, tmp_path):
         compose_cfg("mstar", cohort, tmp_path, "model.aggregator.depht=3")
 
 
+def test_resume_with_other_settings_is_refused_in_one_line(cohort, tmp_path):
+    """The same command in the same run directory resumes (a requeued job); changed training settings are
+    refused before anything is written, naming the setting; a longer max_steps continues the run."""
+    from slidefm.errors import SlidefmError
+    from slidefm.train.run import train
+
+    train(compose_cfg("moozy_stage1", cohort, tmp_path, "trainer.max_steps=2"))
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(SlidefmError) as e:
+        train(compose_cfg("moozy_stage1", cohort, tmp_path, "trainer.max_steps=2", "data.views.crop=share",
+                          "optim.lr=0.01"))
+    msg = str(e.value)
+    assert "\n" not in msg and "data.views.crop: 'grid' -> 'share'" in msg and "optim.lr" in msg, msg
+    assert "use a new hydra.run.dir" in msg
+    assert (tmp_path / "config.yaml").read_text() == before
+    out = train(compose_cfg("moozy_stage1", cohort, tmp_path, "trainer.max_steps=3", "data.num_workers=0"))
+    assert out["global_step"] == 3
+
+
 def test_resume_reproduces_uninterrupted_run(cohort, tmp_path):
     from slidefm.train.run import train
 
