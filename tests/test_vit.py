@@ -130,8 +130,26 @@ def test_registry_and_config():
     assert isinstance(m, ViTAggregator) and m.in_dim == 8 and m.dim == 16
     x = pack_slides([torch.randn(3, 8)], [torch.tensor([[0, 0], [1, 0], [0, 1]])])
     assert m(x).slide.shape == (1, 16)
-    with pytest.raises(ValueError, match="pos must be one of 'rope', 'alibi', got 'absolute'"):
+    with pytest.raises(ValueError, match="pos must be one of 'rope', 'alibi', 'none', got 'absolute'"):
         ViTAggregator(ViTConfig(dim=16, heads=2, pos="absolute"), in_dim=8)
+
+
+def test_set_vit_ignores_positions_and_order():
+    """pos=none without PEG (recipe slidefm_bags): a set model; positions may be anything (zeros for
+    features-only bags) and a permutation of the tokens changes neither the slide embedding nor the tokens'."""
+    from slidefm.models.positions import position_options
+
+    torch.manual_seed(0)
+    vit = ViTAggregator(ViTConfig(dim=16, depth=2, heads=2, pos="none", peg=0, pool="mean", num_registers=1),
+                        in_dim=8).eval()
+    f = torch.randn(9, 8)
+    perm = torch.randperm(9)
+    with torch.no_grad():
+        a = vit(pack_slides([f], [torch.randint(0, 50, (9, 2))]))
+        b = vit(pack_slides([f[perm]], [torch.zeros(9, 2, dtype=torch.long)]))
+    torch.testing.assert_close(a.slide, b.slide, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.tokens[perm], b.tokens, rtol=1e-5, atol=1e-6)
+    assert position_options({"model": {"aggregator": {"name": "vit", "pos": "none", "peg": 0}}}) == []
 
 
 def test_rope_vit_is_translation_invariant_per_slide():
