@@ -116,7 +116,8 @@ class SlideRows:
 RowSelector = Callable[[np.ndarray], "np.ndarray | None"]
 
 
-def _rows_from(selected) -> np.ndarray | None:
+def selected_rows(selected) -> np.ndarray | None:
+    """A RowSelector's answer as sorted unique int64 rows (None: every row); shared by every reader."""
     return None if selected is None else np.unique(np.asarray(selected, dtype=np.int64))
 
 
@@ -134,7 +135,7 @@ class SlideReader:
         """
         sd = self.read(slide_id)
         pos = sd.positions.numpy()
-        rows = _rows_from(select(pos))
+        rows = selected_rows(select(pos))
         feats = sd.features.numpy()
         return SlideRows(slide_id, pos, sd.has_positions, rows, feats if rows is None else feats[rows])
 
@@ -167,7 +168,7 @@ class H5SlideReader(SlideReader):
                 coords = src.coords()
                 # Same grid (and the same refusal of an implausible one) as read().
                 pos = np.zeros((header.n, 2), np.int64) if coords is None else slide_grid(coords, header).positions
-                rows = _rows_from(select(pos))
+                rows = selected_rows(select(pos))
                 feats = src.features() if rows is None else src.feature_rows(rows)
         except h5.SlideFileError as e:
             raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from slidefm.cohort import h5
-from slidefm.cohort.slides import (RowSelector, SlideData, SlideReader, SlideRows, _rows_from, finish_slide,
+from slidefm.cohort.slides import (RowSelector, SlideData, SlideReader, SlideRows, finish_slide, selected_rows,
                                    slide_tensors)
 from slidefm.errors import SlidefmError
 
@@ -165,7 +165,7 @@ class StoreSlideReader(SlideReader):
         shards, (gfd, gstart) = self._open()
         has = self.has_positions[i]
         pos = np.ascontiguousarray(self._grid(gfd, gstart, row, n)[:, 2:]) if has else np.zeros((n, 2), np.int64)
-        rows = _rows_from(select(pos))
+        rows = selected_rows(select(pos))
         dtype = self.shards[k][1]
         fd, start = shards[k]
         row_bytes = self.dim * dtype.itemsize
