@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -171,17 +171,6 @@ def build_model(ck: dict[str, Any], path: str | os.PathLike = "checkpoint"):
     return model, cfg
 
 
-# Settings that may change between a run and its resumption: where files are, how data is loaded, how long
-# to train and on what hardware. Anything else would continue a run under settings it was not trained with.
-RESUMABLE_CHANGES = (
-    "run_dir", "tags", "data.cohort", "data.store", "data.num_workers", "data.persistent_workers", "data.transport",
-    "data.arena_mb", "trainer.max_steps", "optim.total_steps", "trainer.progress_bar", "trainer.log_every_n_steps",
-    "trainer.val_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.accelerator", "trainer.devices",
-    "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.grad_checkpointing",
-    "model.aggregator.backend", "model.aggregator.grad_checkpointing",
-)
-
-
 def _flat(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -193,10 +182,11 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_settings(run_dir: str | os.PathLike, config: dict) -> None:
+def check_resume_settings(run_dir: str | os.PathLike, config: dict, may_change: Iterable[str]) -> None:
     """SlidefmError (one line) when ``run_dir`` holds a checkpoint trained with settings other than ``config``
-    (resolved, as written to config.yaml) beyond :data:`RESUMABLE_CHANGES`: the same command in the same
-    directory resumes (a requeued job), a changed one must not silently continue the old run."""
+    (resolved, as written to config.yaml) beyond the keys ``may_change`` (``config_docs.resumable_keys()``): the
+    same command in the same directory resumes (a requeued job), a changed one must not silently continue the
+    old run."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -207,7 +197,7 @@ def check_resume_settings(run_dir: str | os.PathLike, config: dict) -> None:
     new = _flat(config)
     missing = object()
     diff = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing)
-                  and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES))
+                  and not any(k == a or k.startswith(a + ".") for a in may_change))
     if diff:
         shown = "; ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""

@@ -28,7 +28,8 @@ class OptimConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.01, metadata={"help": "final lr as a fraction of the peak"})
-    total_steps: Optional[int] = field(default=None, metadata={"help": "schedule length (default: trainer.max_steps)"})
+    total_steps: Optional[int] = field(default=None, metadata={
+        "help": "schedule length (default: trainer.max_steps)", "resume": True})
 
 
 @dataclass
@@ -63,22 +64,26 @@ class ObjectivesConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    accelerator: str = field(default="auto", metadata={"help": "auto | cpu | gpu (Lightning accelerator)"})
-    devices: Any = field(default=1, metadata={"help": "devices per node (int, list of ids or 'auto')"})
-    num_nodes: int = field(default=1, metadata={"help": "nodes (multi-node DDP, e.g. on SLURM)"})
-    strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto | ddp | ..."})
-    precision: Optional[str] = field(default=None, metadata={"help": "None: 32 on CPU, bf16-mixed on GPU"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps", "resume": True})
+    accelerator: str = field(default="auto", metadata={
+        "help": "auto | cpu | gpu (Lightning accelerator)", "resume": True})
+    devices: Any = field(default=1, metadata={"help": "devices per node (int, list of ids or 'auto')", "resume": True})
+    num_nodes: int = field(default=1, metadata={"help": "nodes (multi-node DDP, e.g. on SLURM)", "resume": True})
+    strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto | ddp | ...", "resume": True})
+    precision: Optional[str] = field(default=None, metadata={
+        "help": "None: 32 on CPU, bf16-mixed on GPU", "resume": True})
     gradient_clip_val: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     accumulate_grad_batches: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    log_every_n_steps: int = field(default=5, metadata={"help": "metrics.csv logging interval"})
-    val_every_n_steps: Optional[int] = field(default=None, metadata={"help": "validation interval (default: end)"})
-    checkpoint_every_n_steps: int = field(default=25, metadata={"help": "periodic last.ckpt for resume"})
+    log_every_n_steps: int = field(default=5, metadata={"help": "metrics.csv logging interval", "resume": True})
+    val_every_n_steps: Optional[int] = field(default=None, metadata={
+        "help": "validation interval (default: end)", "resume": True})
+    checkpoint_every_n_steps: int = field(default=25, metadata={
+        "help": "periodic last.ckpt for resume", "resume": True})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute transformer-block activations in backward (ViT, TransMIL, Perceiver, case transformer): "
-                "less activation memory for one more forward pass per block; same gradients"})
+                "less activation memory for one more forward pass per block; same gradients", "resume": True})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (slower)"})
-    progress_bar: bool = field(default=True, metadata={"help": "show a progress bar over steps"})
+    progress_bar: bool = field(default=True, metadata={"help": "show a progress bar over steps", "resume": True})
     seed: int = field(default=0, metadata={"help": "seed of model initialisation and training randomness"})
 
 
@@ -90,8 +95,33 @@ class TrainConfig:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    run_dir: str = field(default="${hydra:runtime.output_dir}", metadata={"help": "where checkpoints/ goes"})
-    tags: List[str] = field(default_factory=list, metadata={"help": "free-form labels recorded in the run config"})
+    run_dir: str = field(default="${hydra:runtime.output_dir}", metadata={
+        "help": "where checkpoints/ goes", "resume": True})
+    tags: List[str] = field(default_factory=list, metadata={
+        "help": "free-form labels recorded in the run config", "resume": True})
+
+
+def resumable_keys() -> frozenset[str]:
+    """Options a resumed run may change (paths, data loading, length, hardware, logging): the fields declared
+    with ``metadata={"resume": True}`` (``slidefm.checkpoint.check_resume_settings`` refuses any other change;
+    ``slidefm train --help`` marks them). Walks the run config's nested dataclasses and the aggregators'
+    configs, the one component group with such options (tests/test_config_docs.py checks none is missed)."""
+    import dataclasses
+
+    from slidefm.models.aggregators import AGGREGATORS
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("resume"):
+                yield prefix + f.name
+            factory = f.default_factory
+            if isinstance(factory, type) and dataclasses.is_dataclass(factory):  # a nested config node
+                yield from walk(factory, f"{prefix}{f.name}.")
+
+    keys = set(walk(TrainConfig, ""))
+    for cls in AGGREGATORS.configs().values():
+        keys.update(walk(cls, "model.aggregator."))
+    return frozenset(keys)
 
 
 _registered = False

@@ -24,6 +24,11 @@ class Option(NamedTuple):
     type: str
     default: str  # "(required)", "(see below)" or the repr of the default
     help: str
+    resume: bool = False  # may differ when a run directory is resumed (``field(metadata={"resume": True})``)
+
+    @property
+    def meaning(self) -> str:
+        return self.help + (" (may change when resuming)" if self.resume else "")
 
 
 def _type_name(tp) -> str:
@@ -46,8 +51,10 @@ def _default(f: dataclasses.Field) -> str:
 def options(cls: type, prefix: str) -> list[Option]:
     """One :class:`Option` per field of ``cls`` (except the ``name`` that selects a registered component)."""
     hints = typing.get_type_hints(cls)
-    return [Option(f"{prefix}.{f.name}", _type_name(hints[f.name]), _default(f), f.metadata.get("help", ""))
+    return [Option(f"{prefix}.{f.name}", _type_name(hints[f.name]), _default(f), f.metadata.get("help", ""),
+                   bool(f.metadata.get("resume", False)))
             for f in dataclasses.fields(cls) if f.name != "name"]
+
 
 
 def recipes() -> list[str]:
@@ -121,7 +128,7 @@ def render() -> str:
         out += [f"### `{title}`", "", "| option | type | default | meaning |", "|---|---|---|---|"]
         for o in opts:
             default = o.default if o.default.startswith("(") else f"`{o.default}`"
-            cell = [c.replace("|", chr(92) + "|") for c in (o.type, o.help)]  # `int | None` must not split the row
+            cell = [c.replace("|", chr(92) + "|") for c in (o.type, o.meaning)]  # `int | None` must not split the row
             out.append(f"| `{o.key}` | {cell[0]} | {default} | {cell[1]} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
@@ -148,10 +155,10 @@ def render_text(width: int | None = None) -> str:
         key_w = max(len(o.key) for o in opts) + 2
         for o in opts:
             head = f"  {o.key:<{key_w}}{o.type} = {o.default}"
-            if not o.help:
+            if not o.meaning:
                 lines.append(head)
                 continue
-            body = textwrap.wrap(o.help, max(30, width - 8))
+            body = textwrap.wrap(o.meaning, max(30, width - 8))
             lines.append(head)
             lines += [f"      {b}" for b in body]
     return "\n".join(lines) + "\n"

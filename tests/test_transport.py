@@ -161,3 +161,18 @@ def test_transport_option_is_checked():
         ShmDataLoader(Slides(), transport="pipe")
     # no workers: nothing to transport
     assert ShmDataLoader(Slides(), num_workers=0).transport == "torch"
+
+
+def test_dtypes_numpy_lacks_go_torchs_way():
+    """bfloat16 (no numpy dtype) cannot be written into the arena: it travels as before, beside arena tensors."""
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"bf16": torch.full((300, 64), float(i), dtype=torch.bfloat16), "f32": torch.full((300, 64), i)}
+
+    got = list(ShmDataLoader(Mixed(), batch_size=2, num_workers=2))
+    for j, b in enumerate(got):
+        assert b["bf16"].dtype == torch.bfloat16 and b["bf16"][:, 0, 0].tolist() == [2 * j, 2 * j + 1]
+        assert b["f32"][:, 0, 0].tolist() == [2 * j, 2 * j + 1]

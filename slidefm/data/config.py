@@ -16,18 +16,21 @@ class ExpressionDataConfig:
 
 @dataclass
 class DataConfig:
-    cohort: str = field(default=MISSING, metadata={"help": "cohort directory (shared/cohort-format.md)"})
-    store: Optional[str] = field(default=None, metadata={"help": "packed store from `slidefm pack` (default: auto)"})
+    cohort: str = field(default=MISSING, metadata={
+        "help": "cohort directory (shared/cohort-format.md)", "resume": True})
+    store: Optional[str] = field(default=None, metadata={
+        "help": "packed store from `slidefm pack` (default: auto)", "resume": True})
     batch_size: int = field(default=8, metadata={"help": "patients per step (per device)"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes", "resume": True})
     persistent_workers: bool = field(default=True, metadata={
-        "help": "keep training workers alive across epochs (with num_workers > 0) instead of restarting them"})
+        "help": "keep training workers alive across epochs (with num_workers > 0) instead of restarting them",
+        "resume": True})
     transport: Literal["shm", "torch"] = field(default="shm", metadata={
         "help": "how workers send batches: shm (a reused shared-memory arena per worker, handed out without a "
-                "copy) or torch (a new shared-memory segment per tensor)"})
+                "copy) or torch (a new shared-memory segment per tensor)", "resume": True})
     arena_mb: int = field(default=256, metadata={
         "help": "MiB of each worker's arena (transport=shm): shared memory that stays mapped for the run (up to "
-                "num_workers x arena_mb); a batch that does not fit goes torch's way"})
+                "num_workers x arena_mb); a batch that does not fit goes torch's way", "resume": True})
     max_slides_per_patient: int = field(
         default=1, metadata={"help": "slides drawn per patient per step (1 avoids same-patient negatives)"}
     )

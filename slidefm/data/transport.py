@@ -38,6 +38,8 @@ __all__ = ["ArenaRef", "ShmDataLoader", "ShmCollate"]
 _HEADER = 64  # bytes: the main process's read position (int64) at offset 0, cache-line padded
 _ALIGN = 64
 MIN_BYTES = 64 * 1024  # smaller numpy arrays are cheap to pickle
+_NO_NUMPY = {torch.bfloat16, *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32",
+                                                           "uint64") if hasattr(torch, n))}  # go torch's way
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class ShmCollate:
         if isinstance(a, ArenaRef):
             return a
         is_torch = isinstance(a, torch.Tensor)
-        if is_torch and (a.requires_grad or a.device.type != "cpu" or a.is_sparse):
+        if is_torch and (a.requires_grad or a.device.type != "cpu" or a.is_sparse or a.dtype in _NO_NUMPY):
             return a
         arr = a.numpy() if is_torch else a
         # Every tensor goes in (torch's path costs a segment per tensor, and shares the whole storage of
@@ -129,9 +131,7 @@ class ShmCollate:
 
 def _walk(obj, fn):
     """``obj`` with every tensor / numeric ndarray replaced by ``fn(it)`` (dataclasses, dicts, lists, tuples)."""
-    if isinstance(obj, torch.Tensor) or (isinstance(obj, np.ndarray) and obj.dtype != object):
-        return fn(obj)
-    if isinstance(obj, ArenaRef):
+    if isinstance(obj, (torch.Tensor, ArenaRef)) or (isinstance(obj, np.ndarray) and obj.dtype != object):
         return fn(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: _walk(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}

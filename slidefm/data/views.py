@@ -103,13 +103,18 @@ def share_crop(
     return out
 
 
+def _mask_count(n: int, ratio: tuple[float, float] | float, rng: np.random.Generator) -> int:
+    """round(r * n) for a ratio r drawn uniformly in ``ratio`` (a fixed ratio draws nothing)."""
+    lo_r, hi_r = (ratio, ratio) if np.isscalar(ratio) else ratio
+    r = float(rng.uniform(lo_r, hi_r)) if hi_r > lo_r else float(lo_r)
+    return int(round(r * n))
+
+
 def random_mask(n: int, rng: np.random.Generator, ratio: tuple[float, float] | float) -> np.ndarray:
     """iBOT's random mask: boolean (n,), exactly round(r * n) tokens True for r drawn uniformly in ``ratio``
     (for views without a grid, where blocks have no meaning)."""
-    lo_r, hi_r = (ratio, ratio) if np.isscalar(ratio) else ratio
-    r = float(rng.uniform(lo_r, hi_r)) if hi_r > lo_r else float(lo_r)
     mask = np.zeros(n, dtype=bool)
-    mask[rng.choice(n, size=int(round(r * n)), replace=False)] = True
+    mask[rng.choice(n, size=_mask_count(n, ratio, rng), replace=False)] = True
     return mask
 
 
@@ -171,9 +176,7 @@ def block_mask(
     """
     pos = np.asarray(positions, dtype=np.int64)
     n = len(pos)
-    lo_r, hi_r = (ratio, ratio) if np.isscalar(ratio) else ratio
-    r = float(rng.uniform(lo_r, hi_r)) if hi_r > lo_r else float(lo_r)
-    target = int(round(r * n))
+    target = _mask_count(n, ratio, rng)
     mask = np.zeros(n, dtype=bool)
     log_a = np.log(aspect)
     while mask.sum() < target:

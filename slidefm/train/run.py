@@ -208,13 +208,14 @@ def train(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from slidefm.checkpoint import check_resume_settings, resume_checkpoint
+    from slidefm.config import resumable_keys
 
     run_dir = Path(cfg.run_dir).resolve()
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     module, datamodule, _ = build_everything(cfg)  # validates the cohort before anything is written
     # (after build_everything: the run's config.yaml holds the settings as fitted to the cohort, compared alike)
-    check_resume_settings(run_dir, OmegaConf.to_container(cfg, resolve=True))
+    check_resume_settings(run_dir, OmegaConf.to_container(cfg, resolve=True), resumable_keys())
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))

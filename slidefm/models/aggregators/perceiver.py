@@ -29,7 +29,8 @@ class PerceiverConfig:
     drop_path: float = field(default=0.0, metadata={"help": "stochastic-depth rate of every block"})
     pool: Literal["mean", "first"] = field(default="mean", metadata={
         "help": "slide embedding: the mean of the final latents, or the first latent"})
-    backend: str = field(default="auto", metadata={"help": "attention backend (slidefm.models.attention)"})
+    backend: str = field(default="auto", metadata={
+        "help": "attention backend (slidefm.models.attention)", "resume": True})
 
 
 @AGGREGATORS.register("perceiver", config=PerceiverConfig)

@@ -71,7 +71,8 @@ class TransMILConfig:
     drop_path: float = field(default=0.0, metadata={"help": "stochastic-depth rate of every layer"})
     pos: Literal["none", "rope", "alibi"] = field(default="none", metadata={
         "help": "attention position term on top of PPEG: none, 2-D RoPE or 2-D ALiBi on grid cells"})
-    backend: str = field(default="auto", metadata={"help": "attention backend (slidefm.models.attention)"})
+    backend: str = field(default="auto", metadata={
+        "help": "attention backend (slidefm.models.attention)", "resume": True})
 
 
 @AGGREGATORS.register("transmil", config=TransMILConfig)

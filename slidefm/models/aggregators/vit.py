@@ -38,9 +38,11 @@ class ViTConfig:
         "help": "max stochastic-depth rate (linear over depth), drawn per slide"})
     layerscale: Optional[float] = field(default=None, metadata={
         "help": "initial LayerScale of every residual branch; None: no LayerScale"})
-    backend: str = field(default="auto", metadata={"help": "attention backend (slidefm.models.attention)"})
+    backend: str = field(default="auto", metadata={
+        "help": "attention backend (slidefm.models.attention)", "resume": True})
     grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute block activations in backward (trainer.grad_checkpointing turns it on for every model)"})
+        "help": "recompute block activations in backward (trainer.grad_checkpointing turns it on for every model)",
+        "resume": True})
     pool: Literal["cls", "mean", "mean_attn"] = field(default="cls", metadata={
         "help": "slide readout: the CLS output, the mean of the patch-token outputs, or that mean plus a "
                 "multi-head gated-attention pool over the token outputs (so a small focus is not averaged away)"})
