@@ -415,6 +415,7 @@ class MaskedSelfDistillation(nn.Module):
             "features": feat.detach(),
             "teacher_temp": temp,
             "n_masked": int(masked.numel()),
+            "teacher_slide": t_out.slide.detach(),  # unmasked global views: feeds model.learned_pcs
         }
 
     def _masked_features(self, g: PackedSlides, tokens: Tensor, masked: Tensor, n_views: int) -> Tensor:

@@ -89,8 +89,14 @@ class Encoder:
             grid = coords_to_grid(np.asarray(coords), patch_size_level0, overlap, patch_size)
             packed = pack_slides([f], [grid.positions])
         slide, tokens = self.encode_packed(packed, return_tokens)
-        s = torch.from_numpy(slide[0])
+        s = self.model.finish_export(torch.from_numpy(slide[:1]).to(self.device)).float().cpu()[0]
         return (s, torch.from_numpy(tokens[0])) if return_tokens else s
+
+    @torch.inference_mode()
+    def _finish(self, emb: np.ndarray) -> np.ndarray:
+        if self.model.learned_pcs is None:
+            return emb
+        return self.model.finish_export(torch.from_numpy(emb).to(self.device)).float().cpu().numpy()
 
     def _open(self, cohort):
         from slidefm.cohort import Cohort
@@ -98,6 +104,8 @@ class Encoder:
         return cohort if hasattr(cohort, "read_slide") else Cohort.open(cohort)
 
     def _uns(self, cfg: ExportConfig, level: str, pooling: str | None = None) -> dict[str, Any]:
+        pcs = self.model.learned_pcs
+        learned = self.model.dim if pcs is None else pcs.k
         return {
             "level": level,
             "model": self.name,
@@ -109,8 +117,11 @@ class Encoder:
             "token_cap": "none (whole slides)",
             "patient_pooling": pooling or "",
             # With mean_path the last D columns are the (slide or patient) mean input feature.
-            "embedding_layout": (f"learned[0:{self.model.dim}] + mean_input[{self.model.dim}:{self.model.export_dim}]"
-                                 if self.model.mean_path else f"learned[0:{self.model.dim}]"),
+            "embedding_layout": (f"learned[0:{learned}] + mean_input[{learned}:{self.model.export_dim}]"
+                                 if self.model.mean_path else f"learned[0:{learned}]"),
+            "learned_part": (f"top {learned} principal components of the {self.model.dim}-wide learned embedding "
+                             "(running statistics of training, model.learned_pcs)" if pcs is not None
+                             else f"the {self.model.dim}-wide learned embedding"),
         }
 
     def _fingerprint(self, cohort, level: str, cfg: ExportConfig) -> str:
@@ -133,6 +144,7 @@ class Encoder:
         sids = list(cohort.slide_ids)
         emb, toks = encode_slides_chunked(self, cohort, sids, cfg, Path(partial_dir) if partial_dir else None,
                                           self._fingerprint(cohort, "slide", cfg), want_tokens=cfg.tokens)
+        emb = self._finish(emb)
         obs = cohort.slides.loc[sids].copy()
         obs.index = obs.index.astype(str)
         obs.index.name = "slide_id"
@@ -165,7 +177,7 @@ class Encoder:
 
         off = segment_offsets(counts).to(self.device)
         x = torch.from_numpy(emb[order]).to(self.device)
-        patient = self.model.export_patients(x, off).float().cpu().numpy()
+        patient = self.model.finish_export(self.model.export_patients(x, off)).float().cpu().numpy()
         pooling = "case_transformer" if self.model.case is not None else f"{self.model.patient_pool} of slide embeddings"
         obs = pd.DataFrame(index=pd.Index([str(p) for p in pids], name="patient_id"))
         obs["n_slides"] = counts

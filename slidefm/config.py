@@ -47,6 +47,9 @@ class ModelConfig:
     mean_path: bool = field(default=False, metadata={
         "help": "exported slide/patient embeddings end with the slide's mean input feature (mean pooling), so a "
                 "probe can always recover the mean-pooling baseline; training objectives never see it"})
+    learned_pcs: int = field(default=0, metadata={
+        "help": "export the learned part as its top-k principal components (running statistics of the slide "
+                "embeddings seen in training, kept in the checkpoint); 0: all of the aggregator's columns"})
     embed_dim: int = field(default=256, metadata={"help": "shared embedding width of the contrastive space"})
     patient_pool: SlidePooling = field(default="mean", metadata={
         "help": "slide->patient pooling without a case model: mean or max over the patient's slides"})

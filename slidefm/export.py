@@ -111,7 +111,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         else:
             with np.load(partial_dir / f"chunk{ci:06d}.npz") as z:
                 all_emb.append(z["emb"])
-    d = getattr(encoder.model, "export_dim", encoder.dim)
+    d = getattr(encoder.model, "encoded_dim", encoder.dim)
     emb = np.concatenate(all_emb) if all_emb else np.zeros((0, d), np.float32)
 
     def tokens():

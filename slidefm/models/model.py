@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from slidefm.data.batch import Modality, PackedSlides
 from slidefm.models.aggregators import AggregatorOutput, build_aggregator
+from slidefm.models.principal import RunningPCA
 from slidefm.models.segments import segment_index, segment_mean
 from slidefm.registry import config_to_dict
 
@@ -43,6 +44,11 @@ class SlideFM(nn.Module):
 
             self.case = build_case_transformer(cfg.case, slide_dim=d)
         self.slide_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.embed_dim))
+        k = int(getattr(cfg, "learned_pcs", 0) or 0)
+        if k < 0 or k > d:
+            raise ValueError(f"model.learned_pcs must be in 0..{d} (the aggregator's width), got {k}")
+        # Fed in training (SlideFMModule); only export reads it.
+        self.learned_pcs = RunningPCA(d, k) if k else None
         self.towers = nn.ModuleDict()
         self.text_precomputed = text_precomputed
         if cfg.report is not None:
@@ -81,12 +87,18 @@ class SlideFM(nn.Module):
         return pool_slides(slide_emb, patient_offsets, how=self.patient_pool)
 
     @property
-    def export_dim(self) -> int:
-        """Width of exported slide/patient embeddings: the aggregator's, plus D with ``mean_path``."""
+    def encoded_dim(self) -> int:
+        """Width of ``export_slides``/``export_patients`` outputs: the aggregator's, plus D with ``mean_path``."""
         return self.dim + (self.in_dim if self.mean_path else 0)
 
+    @property
+    def export_dim(self) -> int:
+        """Width of exported embeddings: ``encoded_dim``, the learned part narrowed to ``learned_pcs``."""
+        return self.encoded_dim - (self.dim - self.learned_pcs.k if self.learned_pcs is not None else 0)
+
     def export_slides(self, slides: PackedSlides) -> AggregatorOutput:
-        """Slide embeddings as exported: the learned embedding, then (``mean_path``) the slide's mean input.
+        """Slide embeddings as encoded for export: the learned embedding, then (``mean_path``) the slide's
+        mean input. ``finish_export`` narrows them (``learned_pcs``) once patients are formed.
 
         The mean is of the raw input features, so a linear probe on the export can always do what
         mean pooling does; the learned part is free to carry what the mean cannot (arrangement, foci).
@@ -97,6 +109,13 @@ class SlideFM(nn.Module):
         seg = segment_index(slides.offsets.to(slides.tokens.device))
         mean = segment_mean(slides.tokens.to(out.slide.dtype), seg, slides.num_slides)
         return AggregatorOutput(slide=torch.cat([out.slide, mean], dim=1), tokens=out.tokens)
+
+    def finish_export(self, emb: Tensor) -> Tensor:
+        """Encoded slide or patient embeddings (``encoded_dim``) -> exported ones (``export_dim``): with
+        ``learned_pcs``, the learned part becomes its principal coordinates; the mean input stays."""
+        if self.learned_pcs is None:
+            return emb
+        return torch.cat([self.learned_pcs.project(emb[:, : self.dim]), emb[:, self.dim:]], dim=1)
 
     def export_patients(self, slide_emb: Tensor, patient_offsets: Tensor) -> Tensor:
         """Patient embeddings from exported slide embeddings: the case model (or pooling) on the learned

@@ -68,12 +68,15 @@ class SlideFMModule(pl.LightningModule):
         terms: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {}
         patient_z = None
+        seen = None  # slide embeddings for model.learned_pcs' running statistics
         if self.distillation is not None and batch.views is not None:
             out = self.distillation(self.model.aggregator, batch.views, step=self.global_step)
+            seen = out.get("teacher_slide")
             terms["distillation"] = out["loss"]
             logs.update({f"distillation/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
         if self.reads_slides:
             agg = self.model.encode_slides(batch.slides)
+            seen = agg.slide  # whole slides, as export encodes them
             patient = self.model.encode_patients(agg.slide, batch.patient_offsets)
             patient_z = self.model.project_patients(patient)
             if self.contrastive is not None:
@@ -97,6 +100,8 @@ class SlideFMModule(pl.LightningModule):
                 logs.update({f"expert/{k}": float(v) for k, v in out.items() if k != "loss" and _scalar(v)})
         if not terms:
             raise RuntimeError("no objective produced a loss: check objectives.* and data.views in the config")
+        if train and seen is not None and self.model.learned_pcs is not None:
+            self.model.learned_pcs.update(seen)
         total = sum(self._weight(k) * v for k, v in terms.items())
         logs.update({f"{k}/loss": float(v.detach()) for k, v in terms.items()})
         return total, logs, patient_z
