@@ -74,6 +74,15 @@ class Registry:
         return self.get(name)(cls(name=name, **values), **runtime)
 
 
+def config_get(cfg: Any, *keys: str, default: Any = None) -> Any:
+    """``cfg[k1][k2]...`` for a dataclass, DictConfig or dict node; ``default`` where a key or node is missing."""
+    for k in keys:
+        if cfg is None:
+            return default
+        cfg = cfg.get(k) if hasattr(cfg, "get") else getattr(cfg, k, None)
+    return default if cfg is None else cfg
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         return {}

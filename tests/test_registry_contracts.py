@@ -385,3 +385,26 @@ def test_composed_config_unpickles_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg.pkl")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["alibi", "TrainConfig"]
+
+
+def test_config_get_reads_every_node_kind_alike():
+    """One getter for dataclass, DictConfig and dict nodes (positions and aggregators read options with it)."""
+    from dataclasses import dataclass
+
+    from omegaconf import OmegaConf
+
+    from slidefm.models.aggregators.vit import ViTAggregator, ViTConfig
+    from slidefm.registry import config_get
+
+    @dataclass
+    class Views:
+        crop: str = "share"
+
+    for node in ({"data": {"views": {"crop": "share"}}}, OmegaConf.create({"data": {"views": {"crop": "share"}}}),
+                 {"data": {"views": Views()}}):
+        assert config_get(node, "data", "views", "crop") == "share"
+        assert config_get(node, "data", "tokens") is None
+        assert config_get(node, "model", "aggregator", "pos", default="rope") == "rope"
+    for cfg in (ViTConfig(pos="none", peg=0), {"pos": "none", "peg": 0}, OmegaConf.create({"pos": "none"})):
+        assert not ViTAggregator.needs_positions(cfg)
+    assert ViTAggregator.needs_positions({"pos": "none", "peg": 3}) and ViTAggregator.needs_positions({})

@@ -17,14 +17,7 @@ from typing import Any
 
 from slidefm.errors import SlidefmError
 from slidefm.models.aggregators import AGGREGATORS
-
-
-def _get(cfg: Any, *keys: str) -> Any:
-    for k in keys:
-        if cfg is None:
-            return None
-        cfg = cfg.get(k) if hasattr(cfg, "get") else getattr(cfg, k, None)
-    return cfg
+from slidefm.registry import config_get as _get
 
 
 def position_free_aggregators() -> list[str]:

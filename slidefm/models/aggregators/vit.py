@@ -20,7 +20,7 @@ from slidefm.models.aggregators.base import AGGREGATORS, Aggregator, AggregatorO
 from slidefm.models.blocks import Block
 from slidefm.models.grid_conv import GridPEG
 from slidefm.models.segments import segment_softmax, segment_sum
-from slidefm.registry import check_choices
+from slidefm.registry import check_choices, config_get
 
 
 @dataclass
@@ -60,8 +60,7 @@ class ViTAggregator(Aggregator):
 
     @classmethod
     def needs_positions(cls, cfg) -> bool:
-        get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-        return get("pos", "rope") != "none" or bool(get("peg", 0))
+        return config_get(cfg, "pos", default="rope") != "none" or bool(config_get(cfg, "peg", default=0))
 
     def __init__(self, cfg: ViTConfig, *, in_dim: int):
         super().__init__()
