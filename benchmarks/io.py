@@ -1,11 +1,13 @@
 """Random-access slide reads: packed store vs per-slide HDF5, cold and warm page cache, DataLoader workers.
 
     python benchmarks/io.py                      # 2,000 slides x 1,000 patches x 384-D float16 (~1.5 GB)
-    python benchmarks/io.py --h5-layout rowchunk # HDF5 as TRIDENT/CLAM write it: (1, D) chunks, maxshape (None, D)
+    python benchmarks/io.py --h5-layout rowchunk # HDF5 as TRIDENT's save_h5 writes it: (1, D) chunks, maxshape (None, D)
+    python benchmarks/io.py --h5-layout chunk32  # as CLAM's extract_features_fp writes it: (32, D) chunks
     python benchmarks/io.py --slides 200 --reads 100 --workers 0
 
 The cohort is written once with h5py (reused from --dir on later runs; contiguous `features` and
-`coords` datasets by default, or row-chunked as TRIDENT's save_h5 and CLAM's save_hdf5 write them) and
+`coords` datasets by default; row-chunked as TRIDENT's save_h5 writes them; or in 32-row chunks as CLAM's
+feature extraction (utils/file_utils.save_hdf5, chunk_size=32) writes them) and
 packed with `slidefm.cohort.pack_cohort`. Each cell reads the same random sample of slides through a
 DataLoader (`slidefm.data.transport.ShmDataLoader`) whose items are `Cohort.read_slide(sid)` (float32 features, coords and
 grid positions; HDF5: `H5SlideReader`, which opens the file and computes the grid, as `train` does
@@ -33,7 +35,7 @@ re-evicted each time); the median and the best run are reported, with the CPU ti
 (main process plus workers, less the workers' start-up), which other jobs on a shared machine disturb
 less than wall time. `device` records the sequential read bandwidth of the largest shard with O_DIRECT
 and buffered from a cold cache (4 MiB requests), for judging whether cold reads are bound by the disk.
-Prints JSON and writes benchmarks/results/io.json (io-rowchunk.json for that layout).
+Prints JSON and writes benchmarks/results/io.json (io-rowchunk.json, io-chunk32.json for those layouts).
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def build(root: Path, slides: int, patches: int, dim: int, dtype: str, layout: s
         feats = rng.standard_normal((n, dim), dtype=np.float32).astype(dtype)
         with h5py.File(root / "features" / f"S{i:05d}.h5", "w") as f:
             for name, data in (("features", feats), ("coords", coords)):
-                if layout == "rowchunk":
-                    # TRIDENT's save_h5 and CLAM's save_hdf5: one chunk per row, resizable first axis
-                    d = f.create_dataset(name, data=data, chunks=(1,) + data.shape[1:],
+                if layout in ("rowchunk", "chunk32"):
+                    # TRIDENT's save_h5: one chunk per row; CLAM's feature files: 32 rows; both resizable
+                    rows = 1 if layout == "rowchunk" else 32
+                    d = f.create_dataset(name, data=data, chunks=(min(rows, len(data)),) + data.shape[1:],
                                          maxshape=(None,) + data.shape[1:])
                 else:
                     d = f.create_dataset(name, data=data)
@@ -243,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="runs per cell; the median and the best are reported")
     ap.add_argument("--crop", action="store_true", help="add cells that read one view window per slide "
                     "(SlideReader.read_rows), as training's views do")
-    ap.add_argument("--h5-layout", default="contiguous", choices=["contiguous", "rowchunk"])
+    ap.add_argument("--h5-layout", default="contiguous", choices=["contiguous", "rowchunk", "chunk32"])
     ap.add_argument("--dir", default=None, help="where to build/reuse the cohort (default: a temp dir named by size)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/io.json (io-rowchunk.json with "
-                    "--h5-layout rowchunk)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/io.json (io-LAYOUT.json for "
+                    "the other --h5-layout values)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / ("io.json" if args.h5_layout == "contiguous"
