@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from slidefm.errors import SlidefmError
 from slidefm.models.principal import RunningPCA
 
 
@@ -30,7 +31,7 @@ def test_running_pca_finds_the_top_directions():
 def test_running_pca_is_bias_corrected_and_needs_data():
     pca = RunningPCA(3, 1, momentum=0.99)
     assert not pca.ready
-    with pytest.raises(RuntimeError, match="seen no data"):
+    with pytest.raises(SlidefmError, match="no statistics"):
         pca.basis()
     x = torch.tensor([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
     pca.update(x)

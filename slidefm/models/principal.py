@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slidefm.errors import SlidefmError
+
 __all__ = ["RunningPCA"]
 
 
@@ -56,7 +58,8 @@ class RunningPCA(nn.Module):
         vector's largest-magnitude entry is positive, so the signs do not depend on the eigensolver."""
         w = float(self.weight)
         if w <= 0:
-            raise RuntimeError("RunningPCA has seen no data: its model was not trained with it")
+            raise SlidefmError("model.learned_pcs has no statistics: the checkpoint was saved before any training "
+                               "step fed them (train at least one step with it on)")
         if self._basis is None or self._basis[0] != w or self._basis[1].device != self.first.device:
             mean = self.first / w
             cov = self.second / w - torch.outer(mean, mean)
