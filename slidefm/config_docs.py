@@ -56,7 +56,6 @@ def options(cls: type, prefix: str) -> list[Option]:
             for f in dataclasses.fields(cls) if f.name != "name"]
 
 
-
 def recipes() -> list[str]:
     """Recipe names: the YAML files of ``slidefm.recipes/recipe``."""
     folder = importlib.resources.files("slidefm.recipes") / "recipe"

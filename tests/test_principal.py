@@ -30,7 +30,6 @@ def test_running_pca_finds_the_top_directions():
 
 def test_running_pca_is_bias_corrected_and_needs_data():
     pca = RunningPCA(3, 1, momentum=0.99)
-    assert not pca.ready
     with pytest.raises(SlidefmError, match="no statistics"):
         pca.basis()
     x = torch.tensor([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
@@ -80,7 +79,7 @@ def test_finish_export_narrows_only_the_learned_part():
         off = torch.tensor([0, 2, 3])
         pat = m.finish_export(m.export_patients(enc, off))
         assert torch.allclose(pat[0], out[:2].mean(0), atol=1e-5)
-    with pytest.raises(ValueError, match="learned_pcs must be in 0..16"):
+    with pytest.raises(SlidefmError, match="learned_pcs must be in 0..16"):
         _model(17)
 
 
@@ -120,3 +119,31 @@ def _first_slide(cohort_dir):
     c = Cohort.open(cohort_dir)
     s = c.read_slide(c.slide_ids[0])
     return s.features.numpy(), s.coords.numpy(), s.patch_size_level0
+
+
+def test_basis_follows_the_statistics_after_the_weight_saturates():
+    """After a few thousand updates at momentum 0.99 the accumulated weight stops changing in float64; the
+    basis must still follow later updates (it is computed from the moments, never cached on the weight)."""
+    pca = RunningPCA(2, 1, momentum=0.99)
+    for _ in range(4000):
+        pca.update(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    saturated = float(pca.weight)
+    assert torch.allclose(pca.basis()[1][:, 0].abs(), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    for _ in range(2000):
+        pca.update(torch.tensor([[0.0, 3.0], [0.0, -3.0]]))
+    assert float(pca.weight) == saturated
+    assert torch.allclose(pca.basis()[1][:, 0].abs(), torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-6)
+
+
+def test_out_of_range_learned_pcs_is_refused_before_training(make_synth_cohort, tmp_path):
+    from slidefm.train.run import train
+    from tests.test_train import compose_cfg
+
+    cohort = make_synth_cohort(tmp_path / "c")
+    cfg = compose_cfg("slidefm_bags", cohort, tmp_path / "run", "model.learned_pcs=33", "objectives.contrastive=null",
+                      "model.report=null", "model.expression=null", "model.case=null",
+                      drop=("objectives.contrastive",))
+    with pytest.raises(SlidefmError) as e:
+        train(cfg)
+    assert "\n" not in str(e.value) and "model.learned_pcs must be in 0..32" in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from slidefm.data.batch import Modality, PackedSlides
+from slidefm.errors import SlidefmError
 from slidefm.models.aggregators import AggregatorOutput, build_aggregator
 from slidefm.models.principal import RunningPCA
 from slidefm.models.segments import segment_index, segment_mean
@@ -46,7 +47,7 @@ class SlideFM(nn.Module):
         self.slide_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.embed_dim))
         k = int(getattr(cfg, "learned_pcs", 0) or 0)
         if k < 0 or k > d:
-            raise ValueError(f"model.learned_pcs must be in 0..{d} (the aggregator's width), got {k}")
+            raise SlidefmError(f"model.learned_pcs must be in 0..{d} (the aggregator's width), got {k}")
         # Fed in training (SlideFMModule); only export reads it.
         self.learned_pcs = RunningPCA(d, k) if k else None
         self.towers = nn.ModuleDict()

@@ -36,7 +36,6 @@ class RunningPCA(nn.Module):
         self.register_buffer("weight", torch.zeros((), dtype=torch.float64))
         self.register_buffer("first", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("second", torch.zeros(dim, dim, dtype=torch.float64))
-        self._basis: tuple[float, Tensor, Tensor] | None = None  # (weight it was computed at, mean, vectors)
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
@@ -49,25 +48,21 @@ class RunningPCA(nn.Module):
         self.first.mul_(m).add_(x.mean(0), alpha=1 - m)
         self.second.mul_(m).add_(x.T @ x / len(x), alpha=1 - m)
 
-    @property
-    def ready(self) -> bool:
-        return bool(self.weight > 0)
-
     def basis(self) -> tuple[Tensor, Tensor]:
         """(mean (dim,), vectors (dim, k)) from the current statistics, largest variance first; each
-        vector's largest-magnitude entry is positive, so the signs do not depend on the eigensolver."""
+        vector's largest-magnitude entry is positive, so the signs do not depend on the eigensolver.
+        Computed on every call (one dim x dim eigendecomposition: about a millisecond at dim 128; export
+        calls it once per cohort)."""
         w = float(self.weight)
         if w <= 0:
             raise SlidefmError("model.learned_pcs has no statistics: the checkpoint was saved before any training "
                                "step fed them (train at least one step with it on)")
-        if self._basis is None or self._basis[0] != w or self._basis[1].device != self.first.device:
-            mean = self.first / w
-            cov = self.second / w - torch.outer(mean, mean)
-            _, vecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
-            vecs = vecs[:, -self.k:].flip(1)
-            sign = torch.sign(vecs.gather(0, vecs.abs().argmax(0, keepdim=True)))
-            self._basis = (w, mean, vecs * sign)
-        return self._basis[1], self._basis[2]
+        mean = self.first / w
+        cov = self.second / w - torch.outer(mean, mean)
+        _, vecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
+        vecs = vecs[:, -self.k:].flip(1)
+        sign = torch.sign(vecs.gather(0, vecs.abs().argmax(0, keepdim=True)))
+        return mean, vecs * sign
 
     def project(self, x: Tensor) -> Tensor:
         """(N, dim) -> (N, k) principal coordinates, in ``x``'s dtype."""
