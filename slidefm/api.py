@@ -89,11 +89,13 @@ class Encoder:
             grid = coords_to_grid(np.asarray(coords), patch_size_level0, overlap, patch_size)
             packed = pack_slides([f], [grid.positions])
         slide, tokens = self.encode_packed(packed, return_tokens)
-        s = self.model.finish_export(torch.from_numpy(slide[:1]).to(self.device)).float().cpu()[0]
+        s = torch.from_numpy(self._finish(slide[:1])[0])
         return (s, torch.from_numpy(tokens[0])) if return_tokens else s
 
     @torch.inference_mode()
     def _finish(self, emb: np.ndarray) -> np.ndarray:
+        """Encoded slide or patient embeddings -> exported ones (``SlideFM.finish_export``; a no-op without
+        ``learned_pcs``, so the common path skips the device round trip)."""
         if self.model.learned_pcs is None:
             return emb
         return self.model.finish_export(torch.from_numpy(emb).to(self.device)).float().cpu().numpy()
@@ -177,7 +179,7 @@ class Encoder:
 
         off = segment_offsets(counts).to(self.device)
         x = torch.from_numpy(emb[order]).to(self.device)
-        patient = self.model.finish_export(self.model.export_patients(x, off)).float().cpu().numpy()
+        patient = self._finish(self.model.export_patients(x, off).float().cpu().numpy())
         pooling = "case_transformer" if self.model.case is not None else f"{self.model.patient_pool} of slide embeddings"
         obs = pd.DataFrame(index=pd.Index([str(p) for p in pids], name="patient_id"))
         obs["n_slides"] = counts
