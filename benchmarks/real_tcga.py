@@ -283,6 +283,50 @@ def write_json(doc: dict) -> None:
     os.replace(tmp, RESULTS)
 
 
+SEED_OVERRIDES = ("trainer.seed=", "data.seed=")
+
+
+def seed_groups(runs: dict) -> dict[str, list[str]]:
+    """Runs that differ only in their training seed: ``NAME`` with ``NAME[_]seedK`` whose overrides are
+    NAME's plus ``trainer.seed=K`` and ``data.seed=K`` and that were evaluated on as many fold assignments.
+    A run's ``seed_of`` entry names its base instead (a seed run named after a base that was later retrained).
+    Groups of two or more runs, keyed by the base run's name."""
+    def rest(r: dict) -> list[str]:
+        return sorted(o for o in r.get("overrides", []) if not o.startswith(SEED_OVERRIDES))
+
+    groups: dict[str, list[str]] = {}
+    for name, r in runs.items():
+        m = re.fullmatch(r"(.+?)_?seed(\d+)", name)
+        base_name = r.get("seed_of", m.group(1) if m else None)
+        base = runs.get(base_name) if m else None
+        if (base is None or rest(base) != rest(r) or base.get("eval_seeds") != r.get("eval_seeds")
+                or base.get("recipe") != r.get("recipe") or base.get("steps") != r.get("steps")
+                or {f"trainer.seed={m.group(2)}", f"data.seed={m.group(2)}"} - set(r.get("overrides", []))):
+            continue
+        groups.setdefault(base_name, [base_name]).append(name)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def seed_markdown(doc: dict) -> str:
+    """Per recipe run repeated with other training seeds: the mean over the runs of each task's paired Δ to
+    mean pooling, with how many runs are below it (a single training run moves survival cells by ±0.02)."""
+    tasks = list(PRIMARY)
+    runs = {n: r for n, r in doc.get("runs", {}).items() if "refused" not in r}
+    groups = seed_groups(runs)
+    if not groups:
+        return ""
+    lines = ["| run (training seeds 0..n-1) | folds | runs | " + " | ".join(tasks) + " | mean Δ |",
+             "|" + "---|" * (len(tasks) + 4)]
+    for split in ("patient", "site"):
+        for base, names in groups.items():
+            if not all(split in runs[n] for n in names):
+                continue
+            d = np.array([[runs[n]["delta_vs_mean_pool"][split][t] for t in tasks] for n in names])
+            cells = [f"{m:+.3f} ({int((col < 0).sum())} below)" for m, col in zip(d.mean(0), d.T)]
+            lines.append(f"| `{base}` | {split} | {len(names)} | " + " | ".join(cells) + f" | {d.mean():+.3f} |")
+    return "\n".join(lines)
+
+
 def markdown(doc: dict) -> str:
     """The README table: per split, runs grouped by how many fold assignments they were evaluated on,
     each group under its own mean-pooling row (on the same assignments); deltas in brackets."""
@@ -332,7 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         if not RESULTS.exists():
             ap.error(f"{RESULTS} not found: run the benchmark first")
-        print(markdown(json.loads(RESULTS.read_text())))
+        doc = json.loads(RESULTS.read_text())
+        print(markdown(doc))
+        seeds = seed_markdown(doc)
+        if seeds:
+            print("\nRepeated with other training seeds (Δ averaged over the runs; how many runs are below mean "
+                  "pooling):\n\n" + seeds)
         return 0
     if args.hipt is None or args.work is None:
         ap.error("--hipt and --work are required (except with --table)")

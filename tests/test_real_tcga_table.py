@@ -1,0 +1,46 @@
+"""benchmarks/real_tcga.py's tables: which runs count as the same recipe run with another training seed."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import real_tcga  # noqa: E402
+
+TASKS = list(real_tcga.PRIMARY)
+
+
+def _run(deltas, overrides=(), recipe="slidefm_bags", steps=4000, eval_seeds=5, **extra):
+    d = dict(zip(TASKS, deltas))
+    return {"recipe": recipe, "steps": steps, "overrides": list(overrides), "eval_seeds": eval_seeds,
+            "delta_vs_mean_pool": {"patient": d}, "patient": {t: {"value": 0.5 + v} for t, v in d.items()}, **extra}
+
+
+def test_seed_groups_need_the_same_run_but_the_seed():
+    runs = {
+        "a_pf": _run([0.01] * 5),
+        "a_pfseed1": _run([-0.01] * 5, ["trainer.seed=1", "data.seed=1"]),
+        "a_pfseed2": _run([0.0] * 5, ["trainer.seed=2"]),  # data seed not changed: not a repeat
+        "a_pfseed3": _run([0.0] * 5, ["trainer.seed=3", "data.seed=3", "model.learned_pcs=16"]),  # another recipe
+        "a_pfseed4": _run([0.0] * 5, ["trainer.seed=4", "data.seed=4"], eval_seeds=3),  # other fold assignments
+        "a_pfseed5": _run([0.0] * 5, ["trainer.seed=5", "data.seed=5"], steps=1000),
+        "b_1000_retrained": _run([0.02] * 5),
+        "b_1000_seed1": _run([0.0] * 5, ["trainer.seed=1", "data.seed=1"], seed_of="b_1000_retrained"),
+        "b_1000": _run([0.5] * 5),  # the name-derived base, superseded by seed_of
+        "lonely_seed1": _run([0.0] * 5, ["trainer.seed=1", "data.seed=1"]),
+    }
+    assert real_tcga.seed_groups(runs) == {"a_pf": ["a_pf", "a_pfseed1"],
+                                           "b_1000_retrained": ["b_1000_retrained", "b_1000_seed1"]}
+
+
+def test_seed_table_averages_paired_deltas_and_counts_runs_below():
+    doc = {"runs": {"r": _run([0.01, -0.002, 0.0, 0.03, -0.01]),
+                    "r_seed1": _run([0.03, -0.004, 0.0, -0.01, 0.02], ["data.seed=1", "trainer.seed=1"]),
+                    "refused_seed1": {"refused": "nothing to train"}}}
+    md = real_tcga.seed_markdown(doc).splitlines()
+    assert len(md) == 3 and md[2].startswith("| `r` | patient | 2 |")
+    cells = [c.strip() for c in md[2].split("|")[4:-1]]
+    assert cells == ["+0.020 (0 below)", "-0.003 (2 below)", "+0.000 (0 below)", "+0.010 (1 below)",
+                     "+0.005 (1 below)", "+0.006"]
+    assert real_tcga.seed_markdown({"runs": {"r": doc["runs"]["r"]}}) == ""
