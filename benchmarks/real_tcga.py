@@ -315,7 +315,7 @@ def seed_markdown(doc: dict) -> str:
     groups = seed_groups(runs)
     if not groups:
         return ""
-    lines = ["| run (training seeds 0..n-1) | folds | runs | " + " | ".join(tasks) + " | mean Δ |",
+    lines = ["| run (with its other training seeds) | folds | runs | " + " | ".join(tasks) + " | mean Δ |",
              "|" + "---|" * (len(tasks) + 4)]
     for split in ("patient", "site"):
         for base, names in groups.items():

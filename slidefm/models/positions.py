@@ -17,7 +17,7 @@ from typing import Any
 
 from slidefm.errors import SlidefmError
 from slidefm.models.aggregators import AGGREGATORS
-from slidefm.registry import config_get as _get
+from slidefm.registry import config_get
 
 
 def position_free_aggregators() -> list[str]:
@@ -27,18 +27,18 @@ def position_free_aggregators() -> list[str]:
 def position_options(cfg: Any, training: bool = True) -> list[str]:
     """The options of a training (or, with ``training=False``, inference) config that need positions."""
     out = []
-    agg = _get(cfg, "model", "aggregator", "name")
+    agg = config_get(cfg, "model", "aggregator", "name")
     if agg is not None:
         # An unregistered name counts as needing positions: refusing is safer than feeding zeros.
         cls = AGGREGATORS.get(str(agg)) if str(agg) in AGGREGATORS.names() else None
-        if cls is None or cls.needs_positions(_get(cfg, "model", "aggregator")):
+        if cls is None or cls.needs_positions(config_get(cfg, "model", "aggregator")):
             why = getattr(cls, "positions_for", None)
             out.append(f"model.aggregator={agg}" + (f" ({why})" if why else ""))
     if training:
-        if _get(cfg, "data", "tokens") == "crop":
+        if config_get(cfg, "data", "tokens") == "crop":
             out.append("data.tokens=crop (grid crops)")
-        views = _get(cfg, "data", "views")
-        if views is not None and (_get(views, "crop") or "grid") == "grid":
+        views = config_get(cfg, "data", "views")
+        if views is not None and (config_get(views, "crop") or "grid") == "grid":
             out.append("data.views (grid crops and block masks)")
     return out
 
