@@ -26,6 +26,11 @@ each slide in the worker but returns only its patch count (the read without the 
 `none_warm_nw2_transfer` reads nothing and returns tensors of each slide's shapes (the transfer alone:
 the floor for any format).
 
+Slides are announced to the reader `--read-ahead` items before they are read (training's `data.read_ahead`:
+`SlideReader.will_need`, posix_fadvise(WILLNEED) of the slide's bytes, so a cold read overlaps the reads
+before it), in whole-slide cells only, as in training; hints sent before the clock starts are dropped. 0 reads
+as before read-ahead existed.
+
 "Cold" evicts every file of both formats from the page cache with posix_fadvise(DONTNEED) (no root
 needed and, unlike drop_caches, it leaves other processes' caches alone); `eviction_check` records the
 share of their pages still resident afterwards (mincore) and times a sequential read of the largest
@@ -60,6 +65,8 @@ import torch
 
 from slidefm.cohort import Cohort, pack_cohort
 from slidefm.cohort.slides import SlideData, slide_tensors
+from slidefm.data.config import DataConfig
+from slidefm.data.sampler import ReadAheadSampler
 from slidefm.data.transport import ShmDataLoader
 
 
@@ -181,6 +188,13 @@ class Reads(torch.utils.data.Dataset):
         s = self.cohort.read_slide(sid)
         return s.num_patches if self.deliver == "count" else s
 
+    def will_need(self, i: int) -> None:
+        """The loader's read-ahead hint (whole-slide cells only, as training hints only whole-slide reads).
+        Hints sent before the clock starts are dropped, so no cell reads ahead on untimed time."""
+        sid = self.items[i]
+        if sid is not None and self.deliver in ("slide", "count") and self.go.is_set():
+            self.cohort.reader.will_need(sid)
+
 
 CROP = 16  # grid cells a side of the "crop" cells' window (~128 of a benchmark slide's ~1,000 patches)
 
@@ -202,14 +216,15 @@ def _cpu_s() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str,
-                 sizes: dict[str, int], transport: str = "shm", arena_mb: int = 32) -> tuple[float, float]:
+def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, sizes: dict[str, int],
+                 transport: str = "shm", arena_mb: int = 32, read_ahead: int = 0) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the main process and its workers, worker start-up included)."""
     cpu0 = _cpu_s()
     ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared
     go = ctx.Event()
     ds = Reads(cohort, ids, workers, go, deliver, sizes)
-    loader = ShmDataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+    loader = ShmDataLoader(ds, batch_size=None, sampler=ReadAheadSampler(list(range(len(ds))), ds.will_need, read_ahead),
+                           num_workers=workers,
                            prefetch_factor=4 if workers else None,
                            multiprocessing_context=ctx if workers else None,
                            worker_init_fn=_worker_init if workers else None, transport=transport,
@@ -243,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arena-mb", type=int, default=32,
                     help="MiB per worker arena (data.arena_mb): enough for the prefetched slides, so the ring's pages "
                          "are touched once per cell, as once per run in training")
+    ap.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead,
+                    help="slides announced to the reader before they are read (training's data.read_ahead); 0: off")
     ap.add_argument("--repeats", type=int, default=5, help="runs per cell; the median and the best are reported")
     ap.add_argument("--crop", action="store_true", help="add cells that read one view window per slide "
                     "(SlideReader.read_rows), as training's views do")
@@ -320,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     if cache == "cold":
                         evict(files)
                     key = f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
-                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport, args.arena_mb)
+                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport, args.arena_mb,
+                                             args.read_ahead)
                     runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw]))
     results: dict[str, dict] = {}
     for key, pairs in runs.items():
@@ -348,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "reads": len(ids),
         "transport": args.transport,
         "arena_mb": args.arena_mb,
+        "read_ahead": args.read_ahead,
         "crop_cells": {"window_cells": CROP} if args.crop else None,
         "bytes_per_pass": read_bytes,
         "repeats": args.repeats,

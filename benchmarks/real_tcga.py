@@ -309,7 +309,11 @@ def seed_groups(runs: dict) -> dict[str, list[str]]:
 
 def seed_markdown(doc: dict) -> str:
     """Per recipe run repeated with other training seeds: the mean over the runs of each task's paired Δ to
-    mean pooling, with how many runs are below it (a single training run moves survival cells by ±0.02)."""
+    mean pooling, ± the half-width of its 95% t-interval over the runs (each run one observation: its Δ
+    averaged over the fold assignments), and how many runs are below mean pooling (a single training run
+    moves survival cells by ±0.02)."""
+    from scipy.stats import t as student_t
+
     tasks = list(PRIMARY)
     runs = {n: r for n, r in doc.get("runs", {}).items() if "refused" not in r}
     groups = seed_groups(runs)
@@ -322,8 +326,13 @@ def seed_markdown(doc: dict) -> str:
             if not all(split in runs[n] for n in names):
                 continue
             d = np.array([[runs[n]["delta_vs_mean_pool"][split][t] for t in tasks] for n in names])
-            cells = [f"{m:+.3f} ({int((col < 0).sum())} below)" for m, col in zip(d.mean(0), d.T)]
-            lines.append(f"| `{base}` | {split} | {len(names)} | " + " | ".join(cells) + f" | {d.mean():+.3f} |")
+            q = student_t.ppf(0.975, len(names) - 1) / np.sqrt(len(names))
+
+            def ci(x: np.ndarray) -> str:
+                return f"{x.mean():+.3f} ±{q * x.std(ddof=1):.3f}"
+
+            cells = [f"{ci(col)} ({int((col < 0).sum())} below)" for col in d.T]
+            lines.append(f"| `{base}` | {split} | {len(names)} | " + " | ".join(cells) + f" | {ci(d.mean(1))} |")
     return "\n".join(lines)
 
 
@@ -371,8 +380,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch/BLAS threads per step (bags are tiny: 1 thread is fastest on a busy CPU)")
     ap.add_argument("--parts", action="store_true",
                     help="also evaluate the learned part of mean_path embeddings alone (fold assignment 0)")
+    ap.add_argument("--seed-of", metavar="BASE", help="these runs repeat the stored run BASE with other training "
+                    "seeds (--override trainer.seed=K --override data.seed=K); needed only where BASE is not the run's "
+                    "name without its seedK (e.g. a base retrained under a new name). Recorded as the run's seed_of")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
     args = ap.parse_args(argv)
+    if args.seed_of is not None:
+        stored = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.exists() else {}
+        if args.seed_of not in stored or "refused" in stored[args.seed_of]:
+            ap.error(f"--seed-of {args.seed_of}: no such run in {RESULTS}")
     if args.table:
         if not RESULTS.exists():
             ap.error(f"{RESULTS} not found: run the benchmark first")
@@ -380,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(doc))
         seeds = seed_markdown(doc)
         if seeds:
-            print("\nRepeated with other training seeds (Δ averaged over the runs; how many runs are below mean "
-                  "pooling):\n\n" + seeds)
+            print("\nRepeated with other training seeds (Δ averaged over the runs ± the half-width of its 95% "
+                  "t-interval over them; how many runs are below mean pooling):\n\n" + seeds)
         return 0
     if args.hipt is None or args.work is None:
         ap.error("--hipt and --work are required (except with --table)")
@@ -426,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                     work / "logs" / f"{name}.log")], "model").items()} for split in args.splits}
             info["learned_only"]["size"] = size_direction(part, cohort)
         info["eval_seeds"] = args.eval_seeds
+        if args.seed_of is not None:
+            info["seed_of"] = args.seed_of
         info["mean_delta"] = round(float(np.mean([v for d in deltas.values() for v in d.values()])), 4)
         runs[name] = info
         log(f"{name}: {json.dumps(info)}")

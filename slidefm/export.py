@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from slidefm.data.batch import pack_slides
+from slidefm.data.sampler import ReadAheadSampler
 from slidefm.errors import SlidefmError
 from slidefm.io_utils import atomic_path
 
@@ -30,6 +31,8 @@ class ExportConfig:
     batch_tokens: int = field(default=65536, metadata={"help": "max tokens packed into one forward pass"})
     chunk_slides: int = field(default=256, metadata={"help": "slides per resumable chunk"})
     num_workers: int = field(default=1, metadata={"help": "background slide-reading processes"})
+    read_ahead: int = field(default=16, metadata={
+        "help": "slides requested from disk (posix_fadvise WILLNEED) this many slides before they are read; 0: off"})
     tokens: bool = field(default=False, metadata={
         "help": "also write per-patch token embeddings (slide level) to OUT.tokens.h5 next to the .h5ad"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -72,6 +75,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
             shutil.rmtree(partial_dir)
             partial_dir.mkdir(parents=True)
         meta.write_text(json.dumps({"fingerprint": fingerprint}))
+    will_need = getattr(getattr(cohort, "reader", None), "will_need", None)
     todo = [i for i in range(len(chunks)) if partial_dir is None or not (partial_dir / f"chunk{i:06d}.npz").exists()]
     results: dict[int, tuple[np.ndarray, list]] = {}
     pbar = None
@@ -82,7 +86,9 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         pbar = tqdm(total=len(slide_ids), initial=done, desc="export", unit="slide")
     for ci in todo:
         ds = _SlideReads(cohort, chunks[ci])
-        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+        sampler = ReadAheadSampler(list(range(len(ds))), None if will_need is None else
+                                   (lambda i, ids=chunks[ci]: will_need(ids[i])), cfg.read_ahead)
+        loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
                             prefetch_factor=4 if cfg.num_workers else None,
                             persistent_workers=False)
         embs, toks = [], []

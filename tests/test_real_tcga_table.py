@@ -41,6 +41,23 @@ def test_seed_table_averages_paired_deltas_and_counts_runs_below():
     md = real_tcga.seed_markdown(doc).splitlines()
     assert len(md) == 3 and md[2].startswith("| `r` | patient | 2 |")
     cells = [c.strip() for c in md[2].split("|")[4:-1]]
-    assert cells == ["+0.020 (0 below)", "-0.003 (2 below)", "+0.000 (0 below)", "+0.010 (1 below)",
-                     "+0.005 (1 below)", "+0.006"]
+    # ± is t(0.975, 1) * sd / sqrt(2) over the two runs: 12.706 * |a - b| / 2.
+    assert cells == ["+0.020 ±0.127 (0 below)", "-0.003 ±0.013 (2 below)", "+0.000 ±0.000 (0 below)",
+                     "+0.010 ±0.254 (1 below)", "+0.005 ±0.191 (1 below)", "+0.006 ±0.010"]
     assert real_tcga.seed_markdown({"runs": {"r": doc["runs"]["r"]}}) == ""
+
+
+def test_seed_of_must_name_a_stored_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pytest
+
+    results = tmp_path / "real_tcga.json"
+    results.write_text(json.dumps({"runs": {"b_1000_retrained": _run([0.0] * 5), "t_300": {"refused": "no"}}}))
+    monkeypatch.setattr(real_tcga, "RESULTS", results)
+    monkeypatch.setattr(real_tcga, "build_cohort", lambda *a: pytest.fail("work started before the check"))
+    for bad in ("b_1000", "t_300"):
+        with pytest.raises(SystemExit) as e:
+            real_tcga.main(["--hipt", str(tmp_path), "--work", str(tmp_path), "--runs", "slidefm:1000:seed1",
+                            "--seed-of", bad])
+        assert e.value.code == 2 and f"--seed-of {bad}: no such run in" in capsys.readouterr().err

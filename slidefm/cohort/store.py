@@ -116,6 +116,22 @@ class StoreSlideReader(SlideReader):
     def _grid(self, gfd: int, gstart: int, row: int, n: int) -> np.ndarray:
         return self._pread(gfd, np.empty((n, 4), np.int64), gstart + row * 32)  # grid rows: 4 x int64
 
+    def will_need(self, slide_id: str) -> None:
+        """Both byte ranges of the slide (features and grid rows) requested at once, without waiting."""
+        i = self.pos.get(slide_id)
+        if i is None:
+            return
+        k, off, row, n, _ = self.entries[i]
+        try:
+            shards, (gfd, gstart) = self._open()
+            fd, start = shards[k]
+            row_bytes = self.dim * self.shards[k][1].itemsize
+            os.posix_fadvise(fd, start + off * row_bytes, n * row_bytes, os.POSIX_FADV_WILLNEED)
+            if self.has_positions[i]:
+                os.posix_fadvise(gfd, gstart + row * 32, n * 32, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # the read reports it
+
     def read_arrays(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(features in the stored dtype, (n, 4) grid rows: x, y, col, row)."""
         _, (k, off, row, n, _) = self._locate(slide_id)

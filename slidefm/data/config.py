@@ -31,6 +31,10 @@ class DataConfig:
     arena_mb: int = field(default=256, metadata={
         "help": "MiB of each worker's arena (transport=shm): shared memory that stays mapped for the run (up to "
                 "num_workers x arena_mb); a batch that does not fit goes torch's way", "resume": True})
+    read_ahead: int = field(default=16, metadata={
+        "help": "items (patients) whose slides are requested from disk this many items before they are read "
+                "(posix_fadvise WILLNEED), so cold reads overlap; only where whole slides are read; 0: off",
+        "resume": True})
     max_slides_per_patient: int = field(
         default=1, metadata={"help": "slides drawn per patient per step (1 avoids same-patient negatives)"}
     )

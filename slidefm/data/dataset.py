@@ -91,7 +91,8 @@ class PatientDataset(Dataset):
         with one_blas_thread():
             return self._item(key)
 
-    def _item(self, key) -> dict[str, Any]:
+    def _draw(self, key) -> tuple[str, list[str], np.random.Generator]:
+        """(patient, the slides this item reads, the item's generator after choosing them)."""
         if isinstance(key, (tuple, list)):
             index, seed = int(key[0]), int(key[1])
         else:
@@ -105,6 +106,17 @@ class PatientDataset(Dataset):
         k = self.cfg.max_slides_per_patient
         if k and len(sids) > k:
             sids = sorted(rng.choice(sids, k, replace=False).tolist(), key=sids.index) if self.train else sids[:k]
+        return pid, sids, rng
+
+    def will_need(self, key) -> None:
+        """Tell the reader which slides item ``key`` will read (see ``data.read_ahead``). Only where items
+        read whole slides: a hint fetches a whole slide, and a crop of a large slide reads a small part."""
+        if self.slide_tokens and self.cfg.tokens == "whole":
+            for sid in self._draw(key)[1]:
+                self.reader.will_need(sid)
+
+    def _item(self, key) -> dict[str, Any]:
+        pid, sids, rng = self._draw(key)
         slides, views = [], []
         has_positions = True
         for sid in sids:

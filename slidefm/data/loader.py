@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytorch_lightning as pl
 import torch
 
 from slidefm.data.config import DataConfig
 from slidefm.data.dataset import item_seed
-from slidefm.data.sampler import ResumableDataLoader, ResumableSampler
+from slidefm.data.sampler import ResumableDataLoader, ResumableSampler, read_ahead
 
 
 class KeyedSampler(ResumableSampler):
     """Yields ``(index, seed)`` so an item's crops and draws depend only on (data seed, epoch, index),
-    whichever worker loads it and whether or not the run was resumed."""
+    whichever worker loads it and whether or not the run was resumed. ``hint``/``read_ahead``: each key
+    is announced that many keys early (:func:`slidefm.data.sampler.read_ahead`); the order is unchanged."""
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __init__(self, dataset, *, hint: Callable[[tuple[int, int]], None] | None = None, read_ahead: int = 0,
+                 **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.hint, self.read_ahead = hint, read_ahead
+
+    def _keys(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         for i in super().__iter__():
             yield (int(i), item_seed(self.seed, epoch, int(i)))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return read_ahead(self._keys(), self.hint, self.read_ahead)
 
 
 def _worker_init(_):
@@ -39,7 +48,8 @@ def make_loader(dataset, cfg: DataConfig, collate, train: bool) -> ResumableData
     the main process, so which worker loads an item never changes it. Validation workers do not
     persist: they would hold memory for the whole run to save one start per validation.
     """
-    sampler = KeyedSampler(dataset, seed=cfg.seed, shuffle=train)
+    sampler = KeyedSampler(dataset, seed=cfg.seed, shuffle=train, hint=getattr(dataset, "will_need", None),
+                           read_ahead=cfg.read_ahead)
     drop_last = train and len(dataset) >= cfg.batch_size
     return ResumableDataLoader(
         dataset, sampler=sampler, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,

@@ -11,16 +11,55 @@ the resumed run continues with exactly the batches the interrupted run had not t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
+from itertools import islice
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from slidefm.data.transport import ShmDataLoader
 
-__all__ = ["ResumableSampler", "ResumableDataLoader"]
+__all__ = ["ResumableSampler", "ResumableDataLoader", "ReadAheadSampler", "read_ahead"]
+
+K = TypeVar("K")
+
+
+def read_ahead(keys: Iterable[K], hint: Callable[[K], None] | None, depth: int) -> Iterator[K]:
+    """``keys`` in their order, calling ``hint(key)`` ``depth`` keys before each is yielded.
+
+    A reader told early (``SlideReader.will_need``) fetches from disk while the items before run, so
+    a cold read of a random slide no longer waits out its own disk latency (about 2x slides/s from a
+    cold packed store, `benchmarks/io.py`). ``depth`` 0 or no hint: the keys, untouched.
+    """
+    if hint is None or depth <= 0:
+        yield from keys
+        return
+    it = iter(keys)
+    ahead: deque = deque()
+    for k in islice(it, depth):
+        hint(k)
+        ahead.append(k)
+    for k in it:
+        hint(k)
+        ahead.append(k)
+        yield ahead.popleft()
+    yield from ahead
+
+
+class ReadAheadSampler(Sampler):
+    """``keys`` in order (a list of dataset keys) with :func:`read_ahead` hints."""
+
+    def __init__(self, keys: list, hint: Callable[[Any], None] | None, depth: int) -> None:
+        self.keys, self.hint, self.depth = keys, hint, depth
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[Any]:
+        return read_ahead(self.keys, self.hint, self.depth)
 
 
 def _default_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

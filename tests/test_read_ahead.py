@@ -1,0 +1,126 @@
+"""Read-ahead: slides are announced to the reader before they are read (posix_fadvise WILLNEED), in the
+loader's order, for exactly the slides an item reads; the data order and the items never change."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import write_cohort
+from slidefm.cohort import Cohort, pack_cohort
+from slidefm.data.config import DataConfig
+from slidefm.data.dataset import PatientDataset
+from slidefm.data.loader import KeyedSampler
+from slidefm.data.sampler import ReadAheadSampler, read_ahead
+
+
+def test_read_ahead_hints_depth_keys_early_and_keeps_order():
+    events = []
+    out = []
+    for k in read_ahead(range(10), lambda k: events.append(("hint", k)), 3):
+        events.append(("read", k))
+        out.append(k)
+    assert out == list(range(10))
+    for k in range(10):
+        before = events[: events.index(("read", k))]
+        # Every key up to k + 3 was announced before k is read, and none further ahead.
+        assert {h for kind, h in before if kind == "hint"} == set(range(min(10, k + 4)))
+    assert [h for kind, h in events if kind == "hint"] == list(range(10))  # each key once, in order
+
+
+@pytest.mark.parametrize("depth,hint", [(0, True), (5, False)])
+def test_read_ahead_off(depth, hint):
+    seen = []
+    keys = list(read_ahead(iter(range(7)), seen.append if hint else None, depth))
+    assert keys == list(range(7)) and seen == []
+    assert list(ReadAheadSampler([3, 1, 2], seen.append, 0)) == [3, 1, 2] and seen == []
+
+
+def test_keyed_sampler_order_unchanged_by_hints():
+    data = list(range(23))
+    plain = KeyedSampler(data, seed=4, shuffle=True)
+    seen = []
+    hinted = KeyedSampler(data, seed=4, shuffle=True, hint=seen.append, read_ahead=5)
+    assert list(hinted) == list(plain) == seen
+
+
+def _advice(monkeypatch):
+    calls = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    return calls
+
+
+def test_store_hint_covers_the_slides_bytes(tmp_path, monkeypatch):
+    root = write_cohort(tmp_path, n_slides=5, n_range=(20, 40), dim=16)
+    store = pack_cohort(Cohort.open(root, store=False))
+    reader = Cohort.open(root, store=store).reader
+    calls = _advice(monkeypatch)
+    sid = "S003"
+    reader.will_need(sid)
+    k, off, row, n, _ = reader.entries[reader.pos[sid]]
+    fd, start = reader._open()[0][k]
+    (gfd, gstart) = reader._open()[1]
+    itemsize = reader.shards[k][1].itemsize
+    shard = os.path.realpath(store / reader.shards[k][0])
+    grid = os.path.realpath(store / "grid.npy")
+    assert calls == [(shard, start + off * 16 * itemsize, n * 16 * itemsize), (grid, gstart + row * 32, n * 32)]
+    # The hinted features are exactly the bytes of the slide's features.
+    raw = np.fromfile(shard, dtype=reader.shards[k][1], count=n * 16, offset=calls[0][1]).reshape(n, 16)
+    assert np.array_equal(raw, reader.read_arrays(sid)[0])
+    calls.clear()
+    reader.will_need("no-such-slide")  # a hint never raises; the read reports a bad id
+    assert calls == []
+
+
+def test_hdf5_hint_covers_the_file(tmp_path, monkeypatch):
+    root = write_cohort(tmp_path, n_slides=3)
+    reader = Cohort.open(root, store=False).reader
+    calls = _advice(monkeypatch)
+    reader.will_need("S001")
+    assert calls == [(os.path.realpath(reader.paths["S001"]), 0, 0)]
+
+
+def _dataset(root, **cfg):
+    cohort = Cohort.open(root, store=False)
+    c = DataConfig(cohort=str(root), max_slides_per_patient=1, **cfg)
+    return PatientDataset(cohort, cohort.patient_ids, {p: cohort.slides_of(p) for p in cohort.patient_ids}, c)
+
+
+class _Spy:
+    def __init__(self, reader):
+        self.reader, self.hinted, self.read = reader, [], []
+
+    def will_need(self, sid):
+        self.hinted.append(sid)
+
+    def read_rows(self, sid, select):
+        self.read.append(sid)
+        return self.reader.read_rows(sid, select)
+
+
+def test_dataset_hints_exactly_the_slides_an_item_reads(tmp_path):
+    root = write_cohort(tmp_path, n_slides=8, slides_per_patient=2)
+    ds = _dataset(root)
+    ds.reader = spy = _Spy(ds.reader)
+    keys = list(KeyedSampler(ds, seed=1, shuffle=True))
+    for key in keys:
+        ds.will_need(key)
+        ds[key]
+    # One slide of two per patient, drawn per item: the hint names the one the item then reads.
+    assert spy.hinted == spy.read and len(spy.read) == len(keys)
+    assert len(set(spy.read)) > len(keys) // 2
+
+
+def test_dataset_does_not_hint_partial_reads(tmp_path):
+    root = write_cohort(tmp_path, n_slides=4)
+    ds = _dataset(root, tokens="crop", crop_size=4)
+    ds.reader = spy = _Spy(ds.reader)
+    ds.will_need((0, 7))
+    assert spy.hinted == []  # a crop reads a part of the slide: a whole-slide fetch would waste the disk
