@@ -84,6 +84,19 @@ def make_splits(td: TaskData, cfg: EvalConfig) -> list[Split]:
     return splits
 
 
+def grid_edge_note(chosen: list, grid: list, name: str, option: str) -> str | None:
+    """A note when inner-fold tuning picked the grid's lowest or highest value in most outer folds: the best
+    value may lie beyond the grid, so the probe is not tuned there (None otherwise, or for a one-value grid)."""
+    if len(set(grid)) < 2 or not chosen:
+        return None
+    for value, side in ((min(grid), "lowest"), (max(grid), "highest")):
+        n = sum(float(c) == value for c in chosen)
+        if 2 * n > len(chosen):
+            return (f"{name} chose the grid's {side} value ({value:g}) in {n} of {len(chosen)} folds: the best "
+                    f"{name} may lie beyond the grid ({option})")
+    return None
+
+
 def _classification(td: TaskData, splits: list[Split], cfg: EvalConfig, model: str, art: Artifacts,
                     text_encoder) -> list[dict]:
     t = td.task
@@ -100,6 +113,9 @@ def _classification(td: TaskData, splits: list[Split], cfg: EvalConfig, model: s
         out += _with_ci(cls_stat(oof), tested, td.groups, cfg, t.name, "linear_probe", model)
         art.roc[(t.name, model)] = (y[tested], oof[tested], td.classes)
         art.hyperparameters[(t.name, model, "linear_probe C")] = Cs
+        edge = grid_edge_note(Cs, cfg.c_grid, "C", "--c-grid")
+        if edge:
+            art.notes.append(f"{t.name} / {model}: linear probe {edge}")
     if "knn" in cfg.protocols:
         oof = probes.cv_knn(td.X, y, splits, cfg.knn_k)
         tested = np.flatnonzero(~np.isnan(oof[:, 0]))
@@ -187,6 +203,9 @@ def _survival(td: TaskData, splits: list[Split], cfg: EvalConfig, model: str, ar
     risk, fold_of, chosen = survival.cv_cox(td.X, td.time, td.event, split_groups(td, cfg), splits, cfg.cox_penalizers,
                                             cfg.cox_l1_ratios, cfg.pca_dim, cfg.inner_folds, cfg.seed)
     art.hyperparameters[(t.name, model, "cox (penalizer, l1_ratio)")] = chosen
+    edge = grid_edge_note([p for p, _ in chosen], cfg.cox_penalizers, "penalizer", "--cox-penalizers")
+    if edge:
+        art.notes.append(f"{t.name} / {model}: Cox {edge}")
     tested = np.flatnonzero(fold_of >= 0)
     out = _with_ci(lambda i: {"c_index": harrell_c_index(td.time[i], td.event[i], risk[i])},
                    tested, td.groups, cfg, t.name, "cox", model)

@@ -266,3 +266,15 @@ def test_summary_says_why_a_requested_protocol_has_no_rows(small_cohort, tmp_pat
     assert "- zero-shot: not run, no text encoder" in md
     res = evaluate(emb, c, tasks=[task], config=cfg, text_encoder=lambda texts: np.zeros((len(texts), emb.n_vars)))
     assert "- zero-shot: not run, no classification task in tasks.yaml has prompts" in summary_markdown(res, cfg)
+
+
+def test_grid_edge_note_flags_a_best_value_at_the_grid_edge():
+    from slidefm.evals.evaluate import grid_edge_note
+
+    grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    note = grid_edge_note([1e-3, 1e-3, 1e-2, 1e-3, 1e-3], grid, "C", "--c-grid")
+    assert note == "C chose the grid's lowest value (0.001) in 4 of 5 folds: the best C may lie beyond the grid (--c-grid)"
+    assert "highest value (10)" in grid_edge_note([10.0, 10.0, 1.0], grid, "C", "--c-grid")
+    assert grid_edge_note([1e-3, 1e-3, 1.0, 10.0], grid, "C", "--c-grid") is None  # half is not most
+    assert grid_edge_note([0.1] * 5, grid, "C", "--c-grid") is None
+    assert grid_edge_note([1.0, 1.0], [1.0], "C", "--c-grid") is None  # a one-value grid tunes nothing
