@@ -124,3 +124,30 @@ def test_dataset_does_not_hint_partial_reads(tmp_path):
     ds.reader = spy = _Spy(ds.reader)
     ds.will_need((0, 7))
     assert spy.hinted == []  # a crop reads a part of the slide: a whole-slide fetch would waste the disk
+
+
+def test_training_loader_announces_every_slide_before_reading_it(tmp_path):
+    from slidefm.data.loader import make_loader
+
+    root = write_cohort(tmp_path, n_slides=12, slides_per_patient=2)
+    ds = _dataset(root, batch_size=2, read_ahead=3)
+    events = []
+
+    class Log(_Spy):
+        def will_need(self, sid):
+            events.append(("hint", sid))
+
+        def read_rows(self, sid, select):
+            events.append(("read", sid))
+            return self.reader.read_rows(sid, select)
+
+    ds.reader = Log(ds.reader)
+    batches = list(make_loader(ds, ds.cfg, lambda items: [it["patient_id"] for it in items], train=True))
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]
+    assert len(reads) == 2 * len(batches) == 6  # 6 patients, one slide each, batches of 2
+    for i in reads:
+        sid = events[i][1]
+        assert ("hint", sid) in events[:i]  # announced before it was read
+    # The loader draws a batch's two keys before reading them, and each key drawn was announced with the
+    # three after it (read_ahead=3): five announcements come before the first read.
+    assert [e[0] for e in events[:6]] == ["hint"] * 5 + ["read"]
