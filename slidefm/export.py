@@ -62,6 +62,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConfig, partial_dir: Path | None,
                           fingerprint: str, want_tokens: bool = False):
     """Encode slides in resumable chunks; returns (S, d) embeddings and optional per-slide token arrays."""
+    if cfg.read_ahead < 0:
+        raise SlidefmError(f"--read-ahead must be >= 0 (0: off), got {cfg.read_ahead}")
     if hasattr(cohort, "slides_without_positions"):
         from slidefm.models.positions import require_positions
 

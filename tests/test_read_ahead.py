@@ -151,3 +151,16 @@ def test_training_loader_announces_every_slide_before_reading_it(tmp_path):
     # The loader draws a batch's two keys before reading them, and each key drawn was announced with the
     # three after it (read_ahead=3): five announcements come before the first read.
     assert [e[0] for e in events[:6]] == ["hint"] * 5 + ["read"]
+
+
+def test_negative_read_ahead_is_refused_before_any_work(tmp_path):
+    from slidefm.errors import OptionError, SlidefmError
+    from slidefm.export import ExportConfig, encode_slides_chunked
+
+    root = write_cohort(tmp_path, n_slides=2)
+    with pytest.raises(OptionError, match=r"data.read_ahead must be >= 0 \(0: off\), got -1"):
+        _dataset(root, read_ahead=-1)
+    partial = tmp_path / "out.partial"
+    with pytest.raises(SlidefmError, match=r"--read-ahead must be >= 0 \(0: off\), got -2"):
+        encode_slides_chunked(None, None, ["S000"], ExportConfig(read_ahead=-2), partial, "f")
+    assert not partial.exists()

@@ -18,6 +18,7 @@ from slidefm.data.batch import Modality, PackedSlides, pack_slides
 from slidefm.data.config import DataConfig
 from slidefm.data.tables import PatientTables
 from slidefm.data.types import Batch, Views, segment_offsets
+from slidefm.errors import OptionError
 from slidefm.registry import check_choices
 
 
@@ -77,6 +78,8 @@ class PatientDataset(Dataset):
         self.cfg = cfg
         self.train = train
         self.slide_tokens = slide_tokens
+        if cfg.read_ahead < 0:
+            raise OptionError(f"data.read_ahead must be >= 0 (0: off), got {cfg.read_ahead}")
         if not slide_tokens and cfg.views is None:
             raise ValueError("slide_tokens=False needs data.views: the items would hold no tokens at all")
         if cfg.views is not None:
