@@ -223,8 +223,8 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
     ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared
     go = ctx.Event()
     ds = Reads(cohort, ids, workers, go, deliver, sizes)
-    loader = ShmDataLoader(ds, batch_size=None, sampler=ReadAheadSampler(list(range(len(ds))), ds.will_need, read_ahead),
-                           num_workers=workers,
+    sampler = ReadAheadSampler(list(range(len(ds))), ds.will_need, read_ahead)
+    loader = ShmDataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers,
                            prefetch_factor=4 if workers else None,
                            multiprocessing_context=ctx if workers else None,
                            worker_init_fn=_worker_init if workers else None, transport=transport,
