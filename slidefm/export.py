@@ -50,6 +50,12 @@ class _SlideReads(Dataset):
         sd = self.cohort.read_slide(self.slide_ids[i])
         return self.slide_ids[i], sd.features, sd.positions, sd.has_positions
 
+    def will_need(self, i):
+        """The read-ahead hint (``SlideReader.will_need``); a cohort-like object without a reader gets none."""
+        hint = getattr(getattr(self.cohort, "reader", None), "will_need", None)
+        if hint is not None:
+            hint(self.slide_ids[i])
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -77,7 +83,6 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
             shutil.rmtree(partial_dir)
             partial_dir.mkdir(parents=True)
         meta.write_text(json.dumps({"fingerprint": fingerprint}))
-    will_need = getattr(getattr(cohort, "reader", None), "will_need", None)
     todo = [i for i in range(len(chunks)) if partial_dir is None or not (partial_dir / f"chunk{i:06d}.npz").exists()]
     results: dict[int, tuple[np.ndarray, list]] = {}
     pbar = None
@@ -88,8 +93,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         pbar = tqdm(total=len(slide_ids), initial=done, desc="export", unit="slide")
     for ci in todo:
         ds = _SlideReads(cohort, chunks[ci])
-        sampler = ReadAheadSampler(list(range(len(ds))), None if will_need is None else
-                                   (lambda i, ids=chunks[ci]: will_need(ids[i])), cfg.read_ahead)
+        sampler = ReadAheadSampler(list(range(len(ds))), ds.will_need, cfg.read_ahead)
         loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
                             prefetch_factor=4 if cfg.num_workers else None,
                             persistent_workers=False)

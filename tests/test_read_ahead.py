@@ -164,3 +164,30 @@ def test_negative_read_ahead_is_refused_before_any_work(tmp_path):
     with pytest.raises(SlidefmError, match=r"--read-ahead must be >= 0 \(0: off\), got -2"):
         encode_slides_chunked(None, None, ["S000"], ExportConfig(read_ahead=-2), partial, "f")
     assert not partial.exists()
+
+
+def test_export_announces_every_slide_before_reading_it(tmp_path):
+    from slidefm.export import ExportConfig, encode_slides_chunked
+
+    root = write_cohort(tmp_path, n_slides=7)
+    cohort = Cohort.open(root, store=pack_cohort(Cohort.open(root, store=False)))
+    events = []
+    real_hint, real_read = cohort.reader.will_need, cohort.reader.read
+    cohort.reader.will_need = lambda sid: (events.append(("hint", sid)), real_hint(sid))[1]
+    cohort.reader.read = lambda sid: (events.append(("read", sid)), real_read(sid))[1]
+
+    class Enc:  # mean of each slide's features: enough to run the export loop
+        config, model, dim = {}, None, 16
+
+        def encode_packed(self, packed, want_tokens):
+            o = packed.offsets.tolist()
+            return np.stack([packed.tokens[a:b].mean(0).numpy() for a, b in zip(o, o[1:])]), None
+
+    emb, _ = encode_slides_chunked(Enc(), cohort, cohort.slide_ids, ExportConfig(progress=False, num_workers=0,
+                                                                                  chunk_slides=4, read_ahead=2),
+                                   None, "f")
+    assert emb.shape == (7, 16)
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]
+    assert [events[i][1] for i in reads] == cohort.slide_ids
+    assert all(("hint", events[i][1]) in events[:i] for i in reads)
+    assert [e[0] for e in events[:4]] == ["hint"] * 3 + ["read"]  # a chunk's first read waits for 2 more hints

@@ -116,6 +116,16 @@ class StoreSlideReader(SlideReader):
     def _grid(self, gfd: int, gstart: int, row: int, n: int) -> np.ndarray:
         return self._pread(gfd, np.empty((n, 4), np.int64), gstart + row * 32)  # grid rows: 4 x int64
 
+    @staticmethod
+    def _advise_grid(gfd: int, gstart: int, row: int, n: int) -> None:
+        os.posix_fadvise(gfd, gstart + row * 32, n * 32, os.POSIX_FADV_WILLNEED)
+
+    def _features_at(self, k: int, off: int) -> tuple[int, np.dtype, int]:
+        """(descriptor of shard ``k``, its stored dtype, byte position of its row ``off``)."""
+        fd, start = self._open()[0][k]
+        dtype = self.shards[k][1]
+        return fd, dtype, start + off * self.dim * dtype.itemsize
+
     def will_need(self, slide_id: str) -> None:
         """Both byte ranges of the slide (features and grid rows) requested at once, without waiting."""
         i = self.pos.get(slide_id)
@@ -123,23 +133,19 @@ class StoreSlideReader(SlideReader):
             return
         k, off, row, n, _ = self.entries[i]
         try:
-            shards, (gfd, gstart) = self._open()
-            fd, start = shards[k]
-            row_bytes = self.dim * self.shards[k][1].itemsize
-            os.posix_fadvise(fd, start + off * row_bytes, n * row_bytes, os.POSIX_FADV_WILLNEED)
+            fd, dtype, pos = self._features_at(k, off)
+            os.posix_fadvise(fd, pos, n * self.dim * dtype.itemsize, os.POSIX_FADV_WILLNEED)
             if self.has_positions[i]:
-                os.posix_fadvise(gfd, gstart + row * 32, n * 32, os.POSIX_FADV_WILLNEED)
+                self._advise_grid(*self._open()[1], row, n)
         except OSError:
             pass  # the read reports it
 
     def read_arrays(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(features in the stored dtype, (n, 4) grid rows: x, y, col, row)."""
         _, (k, off, row, n, _) = self._locate(slide_id)
-        shards, (gfd, gstart) = self._open()
-        dtype = self.shards[k][1]
-        fd, start = shards[k]
-        feats = self._pread(fd, np.empty((n, self.dim), dtype), start + off * self.dim * dtype.itemsize)
-        return feats, self._grid(gfd, gstart, row, n)
+        fd, dtype, pos = self._features_at(k, off)
+        feats = self._pread(fd, np.empty((n, self.dim), dtype), pos)
+        return feats, self._grid(*self._open()[1], row, n)
 
     def _read_features(self, fd: int, pos: int, dtype: np.dtype, out: torch.Tensor) -> None:
         """Rows of one slide at byte ``pos`` of a shard into the float32 ``out``."""
@@ -161,16 +167,16 @@ class StoreSlideReader(SlideReader):
     def read(self, slide_id: str) -> SlideData:
         # Same result as slide_data(read_arrays(...)) (tested), written straight into the output tensors.
         i, (k, off, row, n, step) = self._locate(slide_id)
-        shards, (gfd, gstart) = self._open()
-        dtype = self.shards[k][1]
-        fd, start = shards[k]
+        gfd, gstart = self._open()[1]
+        fd, dtype, pos = self._features_at(k, off)
         has = self.has_positions[i]
         if has:
             # Cold cache: the grid rows (another file) are fetched while the features are read, so the
-            # slide costs about one request's latency instead of two. Warm: a page-cache lookup.
-            os.posix_fadvise(gfd, gstart + row * 32, n * 32, os.POSIX_FADV_WILLNEED)
+            # slide costs about one request's latency instead of two. Warm: a page-cache lookup. (Also when
+            # the loader announced the slide already: tracking which were announced would cost as much.)
+            self._advise_grid(gfd, gstart, row, n)
         feats, grid = slide_tensors(n, self.dim)
-        self._read_features(fd, start + off * self.dim * dtype.itemsize, dtype, feats)
+        self._read_features(fd, pos, dtype, feats)
         g = self._grid(gfd, gstart, row, n) if has else None
         return finish_slide(slide_id, feats, grid, None if g is None else g[:, :2], None if g is None else g[:, 2:],
                             step, self.psl0[i])
@@ -178,14 +184,11 @@ class StoreSlideReader(SlideReader):
     def read_rows(self, slide_id: str, select: RowSelector) -> SlideRows:
         """Positions from the grid rows, then only the selected feature rows (one pread per run of rows)."""
         i, (k, off, row, n, _) = self._locate(slide_id)
-        shards, (gfd, gstart) = self._open()
         has = self.has_positions[i]
-        pos = np.ascontiguousarray(self._grid(gfd, gstart, row, n)[:, 2:]) if has else np.zeros((n, 2), np.int64)
+        pos = np.ascontiguousarray(self._grid(*self._open()[1], row, n)[:, 2:]) if has else np.zeros((n, 2), np.int64)
         rows = selected_rows(select(pos))
-        dtype = self.shards[k][1]
-        fd, start = shards[k]
+        fd, dtype, base = self._features_at(k, off)
         row_bytes = self.dim * dtype.itemsize
-        base = start + off * row_bytes
         if rows is None:
             raw = self._pread(fd, np.empty((n, self.dim), dtype), base)
         else:
