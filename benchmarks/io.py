@@ -39,7 +39,8 @@ so every byte it needs is cached. Each cell runs --repeats times, the formats al
 re-evicted each time); the median and the best run are reported, with the CPU time per slide
 (main process plus workers, less the workers' start-up), which other jobs on a shared machine disturb
 less than wall time. `device` records the sequential read bandwidth of the largest shard with O_DIRECT
-and buffered from a cold cache (4 MiB requests), for judging whether cold reads are bound by the disk.
+and buffered from a cold cache (4 MiB requests), and of mean-slide-sized reads at random offsets with O_DIRECT
+from 1, 2 and 4 threads, for judging whether cold reads are bound by the disk.
 Prints JSON and writes benchmarks/results/io.json (io-rowchunk.json, io-chunk32.json for those layouts).
 """
 
@@ -131,6 +132,32 @@ def resident_share(paths: list[Path]) -> float:
         resident += sum(v & 1 for v in vec)
         total += pages
     return resident / max(total, 1)
+
+
+def random_direct_mb_s(path: Path, nbytes: int, block: int, streams: int) -> float:
+    """Reads of ``block`` bytes at shuffled aligned offsets in the first ``nbytes`` of ``path`` with O_DIRECT
+    (no page cache), from ``streams`` threads at once; MB/s. What the disk gives slide-sized random reads."""
+    import threading
+
+    offsets = np.random.default_rng(0).permutation(max(1, nbytes // block)) * block
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    got = [0] * streams
+
+    def work(k: int) -> None:
+        buf = mmap.mmap(-1, block)  # page-aligned
+        for off in offsets[k::streams]:
+            got[k] += os.preadv(fd, [buf], int(off))
+
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(streams)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(got) / (time.perf_counter() - t0) / 1e6
+    finally:
+        os.close(fd)
 
 
 def seq_read_mb_s(path: Path, nbytes: int, direct: bool) -> float:
@@ -311,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     cold_mb_s = seq_read_mb_s(shard, probe, direct=False)
     warm_mb_s = seq_read_mb_s(shard, probe, direct=False)
     direct_mb_s = seq_read_mb_s(shard, probe, direct=True)
+    slide_bytes = (args.patches * args.dim * np.dtype(args.dtype).itemsize + 4095) // 4096 * 4096
+    random_mb_s = {f"{k}_streams": round(random_direct_mb_s(shard, probe, slide_bytes, k)) for k in (1, 2, 4)}
 
     load_start = os.getloadavg()
     workers = [int(w) for w in args.workers.split(",")]
@@ -375,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                            "warm_MB_per_s": round(warm_mb_s),
                            "resident_share_after_eviction": round(resident_after, 4)},
         "device": {"sequential_O_DIRECT_MB_per_s": round(direct_mb_s), "sequential_buffered_cold_MB_per_s":
-                   round(cold_mb_s)},
+                   round(cold_mb_s),
+                   # a mean slide's bytes per read, at random offsets: the ceiling for cold random slide reads
+                   "random_slide_O_DIRECT_MB_per_s": random_mb_s},
         "build_s": round(build_s, 1),
         "pack_s": round(pack_s, 1),
         "fixed_cpu_s": {f"nw{nw}": round(c, 3) for nw, c in fixed_cpu.items()},

@@ -45,11 +45,12 @@ if _finder is not None and not any(isinstance(f, _SourceCheckoutFinder) for f in
     sys.meta_path.append(_finder)
 
 
-def load(checkpoint, device="cpu"):
-    """Load a trained checkpoint as an :class:`slidefm.api.Encoder` (see ``slidefm.api``)."""
+def load(checkpoint, device="cpu", weights="student"):
+    """Load a trained checkpoint as an :class:`slidefm.api.Encoder` (see ``slidefm.api``); ``weights="teacher"``
+    takes masked self-distillation's EMA teacher as the slide encoder."""
     from slidefm.api import Encoder
 
-    return Encoder.load(checkpoint, device=device)
+    return Encoder.load(checkpoint, device=device, weights=weights)
 
 
 __all__ = ["__version__", "load"]

@@ -37,14 +37,18 @@ class Encoder:
         self.checkpoint = checkpoint
         self.sha256 = sha256
         self.device = device
+        self.weights = "student"
         self._text = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto") -> "Encoder":
+    def load(cls, checkpoint: str | Path, device: str = "auto", weights: str = "student") -> "Encoder":
+        """``weights``: "student" (the trained slide encoder) or "teacher" (self-distillation's EMA teacher)."""
         ck = checkpoints.read(checkpoint)
-        model, _ = checkpoints.build_model(ck, checkpoint)
-        return cls(model, ck[checkpoints.SECTION], str(checkpoint), file_sha256(checkpoint), resolve_device(device))
+        model, _ = checkpoints.build_model(ck, checkpoint, weights)
+        enc = cls(model, ck[checkpoints.SECTION], str(checkpoint), file_sha256(checkpoint), resolve_device(device))
+        enc.weights = weights
+        return enc
 
     @property
     def dim(self) -> int:
@@ -113,6 +117,7 @@ class Encoder:
             "model": self.name,
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.sha256,
+            "weights": self.weights,
             "config": json.dumps(self.config),
             "preprocessing": json.dumps(_jsonable(self.meta.get("preprocessing") or {})),
             "version": json.dumps(self.meta.get("version") or {}),

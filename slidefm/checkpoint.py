@@ -27,10 +27,13 @@ SECTION = "slidefm"
 LAST_CHECKPOINT = "last.ckpt"
 ENCODER_PREFIX = "model.aggregator."
 MODEL_PREFIX = "model."
+#: masked self-distillation's EMA teacher: a copy of the slide encoder, keyed as the aggregator below this
+TEACHER_PREFIX = "distillation.teacher.backbone."
+WEIGHTS = ("student", "teacher")
 
 __all__ = [
     "FORMAT", "LAST_CHECKPOINT", "CheckpointError", "code_version", "metadata", "write", "read", "load_raw",
-    "check_format", "to_config", "encoder_state", "model_state", "build_model", "resume_checkpoint",
+    "check_format", "to_config", "encoder_state", "teacher_state", "model_state", "build_model", "resume_checkpoint",
 ]
 
 
@@ -145,6 +148,15 @@ def encoder_state(ck: dict[str, Any], path: str | os.PathLike = "checkpoint") ->
     return state
 
 
+def teacher_state(ck: dict[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """The EMA teacher's slide encoder, keyed as the aggregator (only runs with self-distillation have one)."""
+    state = _state(ck, TEACHER_PREFIX)
+    if not state:
+        raise CheckpointError(f"{path} has no EMA teacher (it was trained without self-distillation): "
+                              "export its student weights instead")
+    return state
+
+
 def model_state(ck: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The whole :class:`slidefm.models.model.SlideFM` state (aggregator, case model, towers, projections)."""
     return _state(ck, MODEL_PREFIX)
@@ -156,15 +168,29 @@ def text_precomputed(cfg) -> bool:
     return rep is None or str(rep.get("trainable", "frozen")) == "frozen"
 
 
-def build_model(ck: dict[str, Any], path: str | os.PathLike = "checkpoint"):
-    """Rebuild the trained :class:`SlideFM` from the checkpoint alone; returns ``(model, cfg)``."""
+def build_model(ck: dict[str, Any], path: str | os.PathLike = "checkpoint", weights: str = "student"):
+    """Rebuild the trained :class:`SlideFM` from the checkpoint alone; returns ``(model, cfg)``.
+
+    ``weights="teacher"``: the slide encoder is masked self-distillation's EMA teacher (the network DINO-style
+    methods evaluate) instead of the trained student; every other part is the checkpoint's own."""
     from slidefm.models.model import SlideFM
 
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     meta = ck[SECTION]
     cfg = to_config(meta["config"])
     model = SlideFM(cfg.model, int(meta["in_dim"]), meta.get("modality_dims") or {},
                     text_precomputed=text_precomputed(cfg), preprocessing=meta.get("preprocessing"))
-    missing, unexpected = model.load_state_dict(model_state(ck), strict=False)
+    state = model_state(ck)
+    if weights == "teacher":
+        teacher = teacher_state(ck, path)
+        encoder = {k for k in state if k.startswith("aggregator.")}
+        swapped = {"aggregator." + k: v for k, v in teacher.items()}
+        if set(swapped) != encoder:  # the teacher is a copy of the encoder: anything else is a foreign file
+            raise CheckpointError(f"{path}: its EMA teacher does not match its slide encoder "
+                                  f"({len(swapped)} tensors against {len(encoder)})")
+        state.update(swapped)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match its own config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

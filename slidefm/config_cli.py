@@ -35,6 +35,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
                                 help=f"{help_} (default: {default})")
         elif tp in (list, tuple):
             parser.add_argument(flag, dest=f.name, nargs="+", default=default, help=f"{help_} (default: {default})")
+        elif typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            parser.add_argument(flag, dest=f.name, type=type(choices[0]), choices=choices, default=default,
+                                help=f"{help_} (default: {default})")
         else:
             parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float, str) else str, default=default,
                                 help=f"{help_} (default: {default})")

@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +29,9 @@ from slidefm.io_utils import atomic_path
 class ExportConfig:
     level: str = field(default="slide", metadata={"help": "slide | patient"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
+    weights: Literal["student", "teacher"] = field(default="student", metadata={
+        "help": "slide encoder to export: the trained student, or the EMA teacher of masked self-distillation "
+                "(what DINO-style methods evaluate; only runs with self-distillation have one)"})
     batch_tokens: int = field(default=65536, metadata={"help": "max tokens packed into one forward pass"})
     chunk_slides: int = field(default=256, metadata={"help": "slides per resumable chunk"})
     num_workers: int = field(default=1, metadata={"help": "background slide-reading processes"})

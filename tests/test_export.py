@@ -220,3 +220,38 @@ def test_feature_width_mismatch_is_a_clear_error(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "D=16" in err and "D=32" in err
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_teacher_weights_export_the_ema_teacher(trained, tmp_path, capsys):
+    from slidefm import checkpoint as checkpoints
+    from slidefm.export import ExportConfig
+
+    cohort, ckpt, _ = trained
+    outs = {}
+    for weights in ("student", "teacher"):
+        outs[weights] = tmp_path / f"{weights}.h5ad"
+        assert cli(["export", "--checkpoint", str(ckpt), "--cohort", str(cohort), "--out", str(outs[weights]),
+                    "--level", "slide", "--no-progress", "--num-workers", "0", "--weights", weights]) == 0
+    student, teacher = (ad.read_h5ad(outs[w]) for w in ("student", "teacher"))
+    assert student.uns["weights"] == "student" and teacher.uns["weights"] == "teacher"
+    # The teacher is the checkpoint's EMA copy of the encoder: its slide embeddings are those of the
+    # student's architecture with the teacher's tensors, and differ from the student's after training.
+    ck = checkpoints.read(ckpt)
+    enc = slidefm.load(ckpt)
+    enc.model.aggregator.load_state_dict(checkpoints.teacher_state(ck, ckpt))
+    expected = enc.embed_slides(cohort, ExportConfig(progress=False, num_workers=0)).X
+    learned = slice(0, enc.dim)
+    assert not np.allclose(student.X[:, learned], teacher.X[:, learned], atol=1e-5)
+    np.testing.assert_allclose(teacher.X, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(student.X[:, enc.dim:], teacher.X[:, enc.dim:])  # the same mean path
+
+    # A checkpoint without a teacher is refused in one line before anything is written.
+    bare = torch.load(ckpt, map_location="cpu", weights_only=False)
+    bare["state_dict"] = {k: v for k, v in bare["state_dict"].items() if not k.startswith(checkpoints.TEACHER_PREFIX)}
+    torch.save(bare, tmp_path / "bare.ckpt")
+    capsys.readouterr()
+    rc = cli(["export", "--checkpoint", str(tmp_path / "bare.ckpt"), "--cohort", str(cohort),
+              "--out", str(tmp_path / "bare.h5ad"), "--no-progress", "--weights", "teacher"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bare.ckpt has no EMA teacher" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bare.h5ad").exists()

@@ -61,3 +61,17 @@ def test_seed_of_must_name_a_stored_run(tmp_path, monkeypatch, capsys):
             real_tcga.main(["--hipt", str(tmp_path), "--work", str(tmp_path), "--runs", "slidefm:1000:seed1",
                             "--seed-of", bad])
         assert e.value.code == 2 and f"--seed-of {bad}: no such run in" in capsys.readouterr().err
+
+
+def test_headline_folds_seed_runs_into_one_row_under_its_baseline():
+    doc = {"runs": {"r": _run([0.01, -0.002, 0.0, 0.03, -0.01]),
+                    "r_seed1": _run([0.03, -0.004, 0.0, -0.01, 0.02], ["data.seed=1", "trainer.seed=1"]),
+                    "single": _run([0.001] * 5, recipe="titan", steps=300),
+                    "not_headline": _run([0.5] * 5),
+                    "gone": {"recipe": "mstar", "refused": "no expression"}}}
+    md = real_tcga.headline_markdown(doc, ["r", "single", "gone", "missing"]).split("\n")
+    assert md[2] == "| mean pooling | | patient | | " + " | ".join(["0.500"] * 5) + " | |"
+    # r and its seed run: values and deltas averaged over the two runs, ± as in the seed table
+    assert md[3].startswith("| `slidefm_bags` | 4,000 | patient | 2 | 0.520 (+0.020 ±0.127) | 0.497 (-0.003 ±0.013) |")
+    assert md[4] == "| `titan` | 300 | patient | 1 | " + " | ".join(["0.501 (+0.001)"] * 5) + " | +0.001 |"
+    assert md[5:] == ["", "`mstar`: refused (no expression)"] and "0.5" not in " ".join(md[5:])

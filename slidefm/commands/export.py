@@ -27,7 +27,7 @@ def run(args) -> int:
 
     cfg = dataclass_from_args(ExportConfig, args)
     cohort = Cohort.open(args.cohort, store=args.store)
-    enc = slidefm.load(args.checkpoint, device=cfg.device)
+    enc = slidefm.load(args.checkpoint, device=cfg.device, weights=cfg.weights)
     adata, tokens_path = export_embeddings(enc, cohort, args.out, cfg)
     print(f"wrote {args.out}: {adata.n_obs} {cfg.level}s x {adata.n_vars} dims"
           + (f"; token embeddings in {tokens_path}" if tokens_path else ""))
