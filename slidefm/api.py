@@ -30,14 +30,15 @@ def load_checkpoint(path: str | Path) -> dict:
 class Encoder:
     """A trained slide (and patient) encoder with its preprocessing, ready for inference."""
 
-    def __init__(self, model, meta: dict, checkpoint: str, sha256: str, device: torch.device):
+    def __init__(self, model, meta: dict, checkpoint: str, sha256: str, device: torch.device,
+                 weights: str = "student"):
         self.model = model.eval().to(device)
         self.meta = meta
         self.config = meta["config"]
         self.checkpoint = checkpoint
         self.sha256 = sha256
         self.device = device
-        self.weights = "student"
+        self.weights = weights  # which slide encoder: "student" or self-distillation's EMA "teacher"
         self._text = None
 
     # -- loading -------------------------------------------------------------------------------
@@ -46,9 +47,8 @@ class Encoder:
         """``weights``: "student" (the trained slide encoder) or "teacher" (self-distillation's EMA teacher)."""
         ck = checkpoints.read(checkpoint)
         model, _ = checkpoints.build_model(ck, checkpoint, weights)
-        enc = cls(model, ck[checkpoints.SECTION], str(checkpoint), file_sha256(checkpoint), resolve_device(device))
-        enc.weights = weights
-        return enc
+        return cls(model, ck[checkpoints.SECTION], str(checkpoint), file_sha256(checkpoint), resolve_device(device),
+                   weights)
 
     @property
     def dim(self) -> int:
