@@ -29,7 +29,7 @@ ENCODER_PREFIX = "model.aggregator."
 MODEL_PREFIX = "model."
 #: masked self-distillation's EMA teacher: a copy of the slide encoder, keyed as the aggregator below this
 TEACHER_PREFIX = "distillation.teacher.backbone."
-WEIGHTS = ("student", "teacher")
+WEIGHTS = ("student", "teacher")  # which slide encoder build_model loads (ExportConfig.weights' choices)
 
 __all__ = [
     "FORMAT", "LAST_CHECKPOINT", "CheckpointError", "code_version", "metadata", "write", "read", "load_raw",

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from slidefm.checkpoint import WEIGHTS
 from slidefm.data.batch import pack_slides
 from slidefm.data.sampler import ReadAheadSampler
 from slidefm.errors import SlidefmError
@@ -29,7 +30,7 @@ from slidefm.io_utils import atomic_path
 class ExportConfig:
     level: str = field(default="slide", metadata={"help": "slide | patient"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
-    weights: Literal["student", "teacher"] = field(default="student", metadata={
+    weights: Literal[WEIGHTS] = field(default="student", metadata={
         "help": "slide encoder to export: the trained student, or the EMA teacher of masked self-distillation "
                 "(what DINO-style methods evaluate; only runs with self-distillation have one)"})
     batch_tokens: int = field(default=65536, metadata={"help": "max tokens packed into one forward pass"})
