@@ -246,9 +246,8 @@ def test_teacher_weights_export_the_ema_teacher(trained, tmp_path, capsys):
     np.testing.assert_array_equal(student.X[:, enc.dim:], teacher.X[:, enc.dim:])  # the same mean path
 
     # A checkpoint without a teacher is refused in one line before anything is written.
-    bare = torch.load(ckpt, map_location="cpu", weights_only=False)
-    bare["state_dict"] = {k: v for k, v in bare["state_dict"].items() if not k.startswith(checkpoints.TEACHER_PREFIX)}
-    torch.save(bare, tmp_path / "bare.ckpt")
+    ck["state_dict"] = {k: v for k, v in ck["state_dict"].items() if not k.startswith(checkpoints.TEACHER_PREFIX)}
+    checkpoints.write(ck, tmp_path / "bare.ckpt")
     capsys.readouterr()
     rc = cli(["export", "--checkpoint", str(tmp_path / "bare.ckpt"), "--cohort", str(cohort),
               "--out", str(tmp_path / "bare.h5ad"), "--no-progress", "--weights", "teacher"])
