@@ -307,13 +307,21 @@ def seed_groups(runs: dict) -> dict[str, list[str]]:
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
+def mean_pm(x: np.ndarray) -> str:
+    """``x``'s mean, ± the half-width of its 95% t-interval (one observation per training run) when there
+    are several."""
+    from scipy.stats import t as student_t
+
+    if len(x) < 2:
+        return f"{x.mean():+.3f}"
+    return f"{x.mean():+.3f} ±{student_t.ppf(0.975, len(x) - 1) / np.sqrt(len(x)) * x.std(ddof=1):.3f}"
+
+
 def seed_markdown(doc: dict) -> str:
     """Per recipe run repeated with other training seeds: the mean over the runs of each task's paired Δ to
     mean pooling, ± the half-width of its 95% t-interval over the runs (each run one observation: its Δ
     averaged over the fold assignments), and how many runs are below mean pooling (a single training run
     moves survival cells by ±0.02)."""
-    from scipy.stats import t as student_t
-
     tasks = list(PRIMARY)
     runs = {n: r for n, r in doc.get("runs", {}).items() if "refused" not in r}
     groups = seed_groups(runs)
@@ -326,13 +334,8 @@ def seed_markdown(doc: dict) -> str:
             if not all(split in runs[n] for n in names):
                 continue
             d = np.array([[runs[n]["delta_vs_mean_pool"][split][t] for t in tasks] for n in names])
-            q = student_t.ppf(0.975, len(names) - 1) / np.sqrt(len(names))
-
-            def ci(x: np.ndarray) -> str:
-                return f"{x.mean():+.3f} ±{q * x.std(ddof=1):.3f}"
-
-            cells = [f"{ci(col)} ({int((col < 0).sum())} below)" for col in d.T]
-            lines.append(f"| `{base}` | {split} | {len(names)} | " + " | ".join(cells) + f" | {ci(d.mean(1))} |")
+            cells = [f"{mean_pm(col)} ({int((col < 0).sum())} below)" for col in d.T]
+            lines.append(f"| `{base}` | {split} | {len(names)} | " + " | ".join(cells) + f" | {mean_pm(d.mean(1))} |")
     return "\n".join(lines)
 
 
@@ -347,8 +350,6 @@ def headline_markdown(doc: dict, names: list[str] = HEADLINE) -> str:
     """One row per headline recipe and fold type: figures averaged over its training runs (mean pooling's on the
     same fold assignments), Δ to mean pooling averaged over the runs, ± the half-width of a 95% t-interval over
     them where there are several. Refused recipes are listed under the table."""
-    from scipy.stats import t as student_t
-
     tasks = list(PRIMARY)
     runs = doc.get("runs", {})
     groups = seed_groups({n: r for n, r in runs.items() if "refused" not in r})
@@ -372,14 +373,9 @@ def headline_markdown(doc: dict, names: list[str] = HEADLINE) -> str:
                 continue
             vals = np.array([[runs[n][split][t]["value"] for t in tasks] for n in members])
             d = np.array([[runs[n]["delta_vs_mean_pool"][split][t] for t in tasks] for n in members])
-            q = student_t.ppf(0.975, len(members) - 1) / np.sqrt(len(members)) if len(members) > 1 else None
-
-            def fmt(x: np.ndarray) -> str:
-                return f"{x.mean():+.3f}" + (f" ±{q * x.std(ddof=1):.3f}" if q is not None else "")
-
-            cells = [f"{v:.3f} ({fmt(c)})" for v, c in zip(vals.mean(0), d.T)]
+            cells = [f"{v:.3f} ({mean_pm(c)})" for v, c in zip(vals.mean(0), d.T)]
             lines.append(f"| `{r['recipe']}` | {r['steps']:,} | {split} | {len(members)} | " + " | ".join(cells)
-                         + f" | {fmt(d.mean(1))} |")
+                         + f" | {mean_pm(d.mean(1))} |")
     return "\n".join(lines) + "".join("\n\n" + line for line in refused)
 
 

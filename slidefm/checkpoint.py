@@ -183,13 +183,12 @@ def build_model(ck: dict[str, Any], path: str | os.PathLike = "checkpoint", weig
                     text_precomputed=text_precomputed(cfg), preprocessing=meta.get("preprocessing"))
     state = model_state(ck)
     if weights == "teacher":
-        teacher = teacher_state(ck, path)
-        encoder = {k for k in state if k.startswith("aggregator.")}
-        swapped = {"aggregator." + k: v for k, v in teacher.items()}
-        if set(swapped) != encoder:  # the teacher is a copy of the encoder: anything else is a foreign file
+        teacher, encoder = teacher_state(ck, path), encoder_state(ck, path)
+        if teacher.keys() != encoder.keys():  # the teacher is a copy of the encoder: anything else is a foreign file
             raise CheckpointError(f"{path}: its EMA teacher does not match its slide encoder "
-                                  f"({len(swapped)} tensors against {len(encoder)})")
-        state.update(swapped)
+                                  f"({len(teacher)} tensors against {len(encoder)})")
+        within_model = ENCODER_PREFIX[len(MODEL_PREFIX):]  # the encoder's keys inside model_state
+        state.update({within_model + k: v for k, v in teacher.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match its own config: missing {missing[:5]}, "

@@ -245,6 +245,12 @@ def test_teacher_weights_export_the_ema_teacher(trained, tmp_path, capsys):
     np.testing.assert_allclose(teacher.X, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(student.X[:, enc.dim:], teacher.X[:, enc.dim:])  # the same mean path
 
+    # A teacher that is not a copy of the encoder (a tensor missing) is a foreign file.
+    first = next(k for k in ck["state_dict"] if k.startswith(checkpoints.TEACHER_PREFIX))
+    partial = {**ck, "state_dict": {k: v for k, v in ck["state_dict"].items() if k != first}}
+    with pytest.raises(checkpoints.CheckpointError, match="EMA teacher does not match its slide encoder"):
+        checkpoints.build_model(partial, "partial.ckpt", "teacher")
+
     # A checkpoint without a teacher is refused in one line before anything is written.
     ck["state_dict"] = {k: v for k, v in ck["state_dict"].items() if not k.startswith(checkpoints.TEACHER_PREFIX)}
     checkpoints.write(ck, tmp_path / "bare.ckpt")
