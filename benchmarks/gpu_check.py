@@ -42,14 +42,20 @@ GOALS = {"mfu_vs_datasheet": 0.40, "packed_speedup": 2.0, "slide_wall_s": 1.0, "
 
 # ---------------------------------------------------------------- pieces tested on CPU (tests/test_gpu_check.py)
 def parse_junit(path: str | Path) -> dict:
-    """Counts, failures (test, message) and skip reasons from a pytest JUnit XML file."""
+    """Counts, failures (test, message), skip reasons and the slowest tests (seconds: for sizing a rerun inside
+    the device time) from a pytest JUnit XML file."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     out = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "total": 0, "failures": [], "skip_reasons": {}}
+    times: list[tuple[float, str]] = []
     for suite in suites:
         for case in suite.iter("testcase"):
             out["total"] += 1
             name = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
+            try:
+                times.append((float(case.get("time") or 0.0), name))
+            except ValueError:
+                pass
             kinds = {child.tag: child for child in case}
             if "failure" in kinds or "error" in kinds:
                 child = kinds.get("failure", kinds.get("error"))
@@ -62,6 +68,7 @@ def parse_junit(path: str | Path) -> dict:
                 out["skip_reasons"][reason] = out["skip_reasons"].get(reason, 0) + 1
             else:
                 out["passed"] += 1
+    out["slowest"] = [{"test": n, "s": round(t, 2)} for t, n in sorted(times, reverse=True)[:10]]
     return out
 
 
@@ -127,6 +134,15 @@ def write_atomic(path: Path, doc: dict) -> None:
     _common.write_atomic(path, doc, default=str)  # anything not JSON as a string, as printed
 
 
+def carried_wheels(site: str | None) -> dict[str, str]:
+    """{distribution: version} installed from .whl/ by gpu_check.sh into ``site`` (empty without one)."""
+    import importlib.metadata as md
+
+    if not site:
+        return {}
+    return {d.metadata["Name"]: d.version for d in md.distributions(path=[site])}
+
+
 # ---------------------------------------------------------------- children
 def child_device() -> dict:
     import platform
@@ -137,7 +153,8 @@ def child_device() -> dict:
     from aggregators import bf16_peak_flops
 
     info = {"torch": torch.__version__, "cuda_built": torch.backends.cuda.is_built(), "cuda": torch.version.cuda,
-            "python": platform.python_version(), "cuda_available": torch.cuda.is_available()}
+            "python": platform.python_version(), "cuda_available": torch.cuda.is_available(),
+            "carried": carried_wheels(os.environ.get("GPU_CHECK_SITE"))}
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak, matched = bf16_peak_flops(name)

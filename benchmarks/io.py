@@ -24,7 +24,7 @@ what a training view needs (every position, then one 16 x 16-cell window's featu
 rows, the worst case for both formats). With workers, two more cells split the cost: `_count` reads
 each slide in the worker but returns only its patch count (the read without the transfer), and
 `none_warm_nw2_transfer` reads nothing and returns tensors of each slide's shapes (the transfer alone:
-the floor for any format).
+the floor for any format; ``slide_tensors`` allocates them as a reader does, in the worker's arena with shm).
 
 Slides are announced to the reader `--read-ahead` items before they are read (training's `data.read_ahead`:
 `SlideReader.will_need`, posix_fadvise(WILLNEED) of the slide's bytes, so a cold read overlaps the reads

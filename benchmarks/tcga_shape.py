@@ -4,11 +4,13 @@
     nohup python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 \
         --out benchmarks/results/tcga_shape_long.json > long.log 2>&1 &        # the 1,000-step curve
     SLIDEFM_ALLOCATOR=system python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 --tag glibc ...
+    SLIDEFM_ALLOCATOR=glibc python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 --tag glibc_tuned ...
     SLIDEFM_ALLOCATOR=system SLIDEFM_MALLOC_TUNING=1 SLIDEFM_MALLOC_MMAP_THRESHOLD=0 SLIDEFM_MALLOC_TRIM_EVERY=50 \
         python benchmarks/tcga_shape.py --runs house:w1:1000 --warmup 50 --tag trim50 --out ...  # with malloc_trim
 
-Training runs on the allocator `slidefm train` chooses (``slidefm.allocator``: jemalloc when it is installed);
-``SLIDEFM_ALLOCATOR=system`` measures glibc's malloc. The JSON records which one ran.
+Training runs on the allocator `slidefm train` chooses (``slidefm.allocator``: jemalloc when it is installed,
+else glibc with its tunables); ``SLIDEFM_ALLOCATOR=glibc`` measures the tuned glibc, ``SLIDEFM_ALLOCATOR=system``
+glibc's malloc as it comes. The JSON records which one ran.
 
 To compare code versions, run this script with ``PYTHONPATH`` at a worktree of the other commit (the JSON
 records which ``slidefm`` ran); results/tcga_shape.json's ``*_before`` runs are the commit before b6226f6.
@@ -336,8 +338,8 @@ def main(argv=None) -> int:
             cmd += ["--override", o]
         print(f"[tcga_shape {time.strftime('%H:%M:%S')}] {name}: {run_dir}/steps.jsonl", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        # The child runs on the allocator `slidefm train` would choose (jemalloc when installed, unless
-        # SLIDEFM_ALLOCATOR=system): the same environment the command re-executes itself with.
+        # The child runs on the allocator `slidefm train` would choose (jemalloc when installed, else tuned glibc,
+        # unless SLIDEFM_ALLOCATOR=system): the same environment the command re-executes itself with.
         env = preload_env(os.environ) or dict(os.environ)
         res = run_child(cmd, dict(env, PYTHONUNBUFFERED="1"), args.timeout)
         if "steps" not in res and (run_dir / "steps.jsonl").exists():  # cut short: keep the partial curve
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
                  "extra_overrides": args.override, "process_wall_s": time.perf_counter() - t,
                  # allocator settings act at start-up (slidefm.allocator, slidefm.train.memory)
                  "allocator_env": {k: v for k, v in env.items()
-                                   if k.startswith(("SLIDEFM_MALLOC", "SLIDEFM_ALLOCATOR", "MALLOC_", "LD_PRELOAD"))},
+                                   if k.startswith(("SLIDEFM_MALLOC", "SLIDEFM_ALLOCATOR", "MALLOC_", "LD_PRELOAD", "GLIBC_TUNABLES"))},
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "host": {"python": platform.python_version(), "cores": os.cpu_count(), "machine": platform.machine(),
                           "load_avg_at_end": os.getloadavg()}}

@@ -66,18 +66,24 @@ def error_line(e: SlidefmError) -> str:
     return str(e)
 
 
+# Long-running commands whose step allocates large tensors of changing sizes: glibc's malloc as it comes faults
+# them in anew each time (a 10k x 1536 export batch: 15k faults per slide, benchmarks/slide_loader.py).
+REEXEC_COMMANDS = ("train", "export")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. Called without ``argv`` (a real ``slidefm`` process), ``train`` first re-executes
-    itself under jemalloc when it is installed (``slidefm.allocator``); a call with ``argv`` never does."""
+    """Run a command. Called without ``argv`` (a real ``slidefm`` process), ``train`` and ``export`` first
+    re-execute themselves under jemalloc when it is installed, else under tuned glibc (``slidefm.allocator``); a
+    call with ``argv`` never does."""
     own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else None
     try:
-        if command == "train":
-            if own_process:
-                from slidefm.allocator import reexec_with_jemalloc
+        if command in REEXEC_COMMANDS and own_process:
+            from slidefm.allocator import reexec_with_allocator
 
-                reexec_with_jemalloc()
+            reexec_with_allocator()
+        if command == "train":
             # Hydra parses its own overrides (recipe=..., -m, hydra/launcher=...).
             from slidefm.commands.train import hydra_main
 

@@ -9,7 +9,8 @@ import torch
 
 from slidefm.models import blocks as blocks_mod
 from slidefm.models.attention import (
-    AttentionBackendError, alibi_chunked, alibi_slopes, apply_rope, packed_attention, resolve_backend, rope_angles,
+    AttentionBackendError, alibi_chunked, alibi_slopes, apply_rope, backend_unavailable_reason, packed_attention,
+    resolve_backend, rope_angles,
 )
 from slidefm.models.attention import alibi_chunked as chunked_mod
 from slidefm.models.attention.rope import rope_frequencies
@@ -330,3 +331,55 @@ def test_cross_attention_block_segments():
     torch.testing.assert_close(out, per)
     out.sum().backward()
     assert ctx.grad.abs().sum() > 0 and all(p.grad is not None for p in blk.parameters())
+
+
+def _fake_xformers(monkeypatch, works: bool):
+    """An xformers whose kernels run (a plain SDPA) or, as a build for another torch, are missing."""
+    import importlib.util
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    class BlockDiagonalMask:
+        @staticmethod
+        def from_seqlens(q_seqlen, kv_seqlen):
+            return (q_seqlen, kv_seqlen)
+
+    def memory_efficient_attention(q, k, v, attn_bias=None):
+        if not works:
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n...")
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    fmha = types.SimpleNamespace(BlockDiagonalMask=BlockDiagonalMask,
+                                 memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", types.SimpleNamespace(fmha=fmha))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "xformers" else real(name, *a))
+    from slidefm.models.attention import xformers_backend
+
+    xformers_backend._probe.cache_clear()  # answers cached for another (fake or real) install
+
+
+def test_an_xformers_without_kernels_is_passed_by(monkeypatch):
+    """An xformers built for another torch imports fine but has no kernels: the backend says why, and auto takes
+    the next fused kernel instead of failing at the first forward."""
+    from slidefm.models.attention import xformers_backend
+
+    _fake_xformers(monkeypatch, works=False)
+    why = xformers_backend._probe("cpu", torch.float32)  # the probe itself, where this machine can run it
+    assert why.startswith("xformers is installed but cannot run here (NotImplementedError: No operator found")
+    _fake_xformers(monkeypatch, works=True)
+    with torch.inference_mode():  # as in an export's forward: the probe still runs its backward
+        assert xformers_backend._probe("cpu", torch.float32) is None
+    xformers_backend._probe.cache_clear()
+    # resolution on a CUDA device (the probe's answer stood in: this machine has none)
+    monkeypatch.setattr(xformers_backend, "_probe", lambda device, dtype: why)
+    assert backend_unavailable_reason("xformers", "cuda", torch.bfloat16) == why
+    next_best = "varlen" if backend_unavailable_reason("varlen", "cuda", torch.bfloat16) is None else "sdpa"
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == next_best
+    monkeypatch.setattr(xformers_backend, "_probe", lambda device, dtype: None)
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == "xformers"

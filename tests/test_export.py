@@ -260,3 +260,22 @@ def test_teacher_weights_export_the_ema_teacher(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "bare.ckpt has no EMA teacher" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bare.h5ad").exists()
+
+
+def test_slide_loader_sends_slides_through_a_sized_arena(trained):
+    """Export reads whole slides through the shared-memory transport, its arena room for a token budget being
+    gathered and as much again read ahead; the slides arrive whole and in order."""
+    from slidefm.cohort import Cohort
+    from slidefm.data.transport import ShmDataLoader
+    from slidefm.export import ExportConfig, slide_loader
+
+    cohort = Cohort.open(trained[0])
+    ids = cohort.slide_ids[:6]
+    loader = slide_loader(cohort, ids, ExportConfig(num_workers=1, batch_tokens=2_000_000, progress=False))
+    assert isinstance(loader, ShmDataLoader) and loader.transport == "shm"
+    assert loader._arena_bytes >> 20 == -(-2 * 2_000_000 * (cohort.feature_dim * 4 + 32) // 2**20)
+    assert slide_loader(cohort, ids, ExportConfig(num_workers=1, batch_tokens=100))._arena_bytes == 64 << 20
+    got = list(loader)
+    assert [g[0] for g in got] == ids
+    for (sid, feats, pos, _), want in zip(got, (cohort.read_slide(s) for s in ids)):
+        assert torch.equal(feats, want.features) and torch.equal(pos, want.positions)

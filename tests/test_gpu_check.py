@@ -37,7 +37,7 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testcase classname="tests.gpu.test_gpu_attention" name="test_a[sdpa-fp32]" time="0.1"/>
 <testcase classname="tests.gpu.test_gpu_attention" name="test_a[flex-bf16]" time="0.1">
   <failure message="AssertionError: flex bf16 forward: rel err 3.1e-02 &gt; 2e-02">trace</failure></testcase>
-<testcase classname="tests.gpu.test_gpu_train" name="test_b" time="0.1"><error message="fixture failed">x</error></testcase>
+<testcase classname="tests.gpu.test_gpu_train" name="test_b" time="12.5"><error message="fixture failed">x</error></testcase>
 <testcase classname="tests.gpu.test_gpu_attention" name="test_a[xformers-fp32]" time="0">
   <skipped type="pytest.skip" message="xformers is not installed">s</skipped></testcase>
 <testcase classname="tests.gpu.test_gpu_attention" name="test_a[xformers-bf16]" time="0">
@@ -54,6 +54,7 @@ def test_parse_junit(tmp_path):
     assert r["failures"][0]["test"] == "tests.gpu.test_gpu_attention::test_a[flex-bf16]"
     assert "rel err 3.1e-02" in r["failures"][0]["message"]
     assert r["failures"][1]["kind"] == "error"
+    assert r["slowest"][0] == {"test": "tests.gpu.test_gpu_train::test_b", "s": 12.5} and len(r["slowest"]) == 5
 
 
 def test_goals_summary():
@@ -79,9 +80,43 @@ def test_clip_timeout():
 
 
 def run_script(*args, env=None, timeout=120):
+    # GPU_CHECK_WHEELS: not the checkout's .whl/ (wheels made for the GPU machine's Python, maybe not this one's)
     p = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                       env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+                       env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": "/nonexistent", **(env or {})})
     return p
+
+
+def make_wheel(folder: Path, name: str = "slidefm_probe", version: str = "1.0") -> Path:
+    """A minimal pure-python wheel holding module ``{name}_mod`` (VALUE = 42)."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}_mod.py": "VALUE = 42\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{k},,\n" for k in [*files, f"{dist}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_carried_wheels_are_installed_on_the_path_of_every_part(tmp_path):
+    """What benchmarks/gpu_wheels.py puts in .whl/ reaches the parts: installed into a scratch directory on
+    PYTHONPATH (beside the checkout), and listed in the device part."""
+    wheels = tmp_path / "whl"
+    make_wheel(wheels)
+    out = tmp_path / "gpu_check.json"
+    p = run_script("--dry-run", "--out", str(out), "--parts", "device", env={"GPU_CHECK_WHEELS": str(wheels)})
+    assert p.returncode == 0, p.stderr
+    assert "1 wheels from" in p.stderr
+    assert json.loads(p.stdout)["device"]["carried"] == {"slidefm-probe": "1.0"}
+    # a broken wheel stops the script before any part, in one line
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    p = run_script("--dry-run", "--out", str(tmp_path / "x.json"), env={"GPU_CHECK_WHEELS": str(wheels)})
+    assert p.returncode == 3 and "could not install the wheels" in p.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_dry_run_one_json_object_with_failed_and_hung_parts(tmp_path):

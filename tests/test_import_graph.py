@@ -21,7 +21,7 @@ FOLDERS = {"slidefm": REPO / "slidefm", "slidefm.modalities": REPO / "modalities
 # -> train -> export/api -> evals -> commands/cli. A module may import its own layer and the layers below.
 LAYERS = [
     ("base", ["slidefm.errors", "slidefm.io_utils", "slidefm.grid", "slidefm.registry", "slidefm.config_cli",
-              "slidefm.allocator"]),
+              "slidefm.allocator", "slidefm.buffers"]),
     ("cohort", ["slidefm.cohort"]),
     ("data", ["slidefm.data"]),
     ("models", ["slidefm.models", "slidefm.modalities"]),

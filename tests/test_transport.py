@@ -176,3 +176,115 @@ def test_dtypes_numpy_lacks_go_torchs_way():
     for j, b in enumerate(got):
         assert b["bf16"].dtype == torch.bfloat16 and b["bf16"][:, 0, 0].tolist() == [2 * j, 2 * j + 1]
         assert b["f32"][:, 0, 0].tolist() == [2 * j, 2 * j + 1]
+
+
+# ----------------------------------------------------------------------------- buffers born in the arena
+
+
+class BornSlides(torch.utils.data.Dataset):
+    """Slides read as the readers read them (``slide_data``: one storage from ``slidefm.buffers.empty``); each
+    item also says where its features lay in the worker, and can allocate a buffer it drops (``waste``)."""
+
+    def __init__(self, n=30, rows=2000, waste=False):
+        self.n, self.rows, self.waste = n, rows, waste
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        from slidefm.cohort.slides import slide_data
+
+        if self.waste:
+            from slidefm import buffers
+
+            buffers.empty(300_000).fill_(7)  # a scratch buffer, never sent
+        rng = np.random.default_rng(i)
+        n = self.rows + i
+        coords = np.stack([np.arange(n) % 50, np.arange(n) // 50], 1) * 256
+        sd = slide_data(f"s{i}", rng.standard_normal((n, 32)).astype(np.float16), coords, coords // 256, 256, 256)
+        return {"slide": sd, "ptr": sd.features.data_ptr()}
+
+
+def test_slides_born_in_the_arena_cross_without_a_copy():
+    ds = BornSlides()
+    want = [ds[i]["slide"] for i in range(len(ds))]
+    loader = ShmDataLoader(ds, batch_size=None, num_workers=2, arena_mb=4, prefetch_factor=2)
+    n_direct = 0
+    for i, got in enumerate(loader):
+        s = got["slide"]
+        assert same(s, want[i])
+        n_direct += s.features.data_ptr() == got["ptr"]  # the very bytes the worker read into
+    assert n_direct == len(ds)
+
+
+def test_views_of_one_born_storage_keep_it_alive():
+    """A slide's features and positions share one allocation: holding only the positions keeps all of it from
+    being reused, while the ring cycles many times through the rest of the arena."""
+    ds = BornSlides(n=60, rows=1000)
+    want = [ds[i]["slide"] for i in range(len(ds))]
+    loader = ShmDataLoader(ds, batch_size=None, num_workers=2, arena_mb=1, prefetch_factor=2)
+    kept = {}
+    for i, got in enumerate(loader):
+        if i in (0, 1, 7):
+            kept[i] = got["slide"].positions  # the features (most of the bytes) are dropped at once
+        del got
+    assert len(kept) == 3
+    for i, pos in kept.items():
+        assert torch.equal(pos, want[i].positions)
+
+
+def test_unsent_buffers_do_not_block_the_ring():
+    """Scratch buffers a worker drops are reclaimed with the next batch read: every slide still arrives
+    zero-copy, through many times the arena's size."""
+    ds = BornSlides(n=40, rows=1500, waste=True)
+    want = [ds[i]["slide"] for i in range(len(ds))]
+    loader = ShmDataLoader(ds, batch_size=None, num_workers=2, arena_mb=2, prefetch_factor=2)
+    got = list((g["slide"], g["ptr"]) for g in loader)  # ~9 MB of slides and ~12 MB of scratch per worker, held
+    assert all(same(s, w) for (s, _), w in zip(got, want))
+    del got
+    direct = [g["slide"].features.data_ptr() == g["ptr"] for g in loader]  # each dropped at once
+    assert all(direct)
+
+
+def test_collated_batches_are_packed_in_the_arena():
+    from slidefm.data.batch import pack_slides
+
+    def collate_packed(items):
+        sl = [it["slide"] for it in items]
+        packed = pack_slides([s.features for s in sl], [s.positions for s in sl], [s.slide_id for s in sl])
+        return packed, packed.tokens.data_ptr()
+
+    ds = BornSlides(n=12, rows=500)
+    ref = list(ShmDataLoader(ds, batch_size=3, collate_fn=collate_packed, num_workers=0))
+    got = list(ShmDataLoader(ds, batch_size=3, collate_fn=collate_packed, num_workers=2))
+    assert len(got) == len(ref) == 4
+    for (a, _), (b, ptr) in zip(ref, got):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions) and a.slide_ids == b.slide_ids
+        assert b.tokens.data_ptr() == ptr
+
+
+def test_born_buffers_unit():
+    a = _Arena(1024)
+    t = a.empty(100)
+    assert t.dtype == torch.uint8 and t.numel() == 100 and t.data_ptr() == a.data.ctypes.data
+    assert a.born == [(0, 100, 128)]
+    assert a.born_in(t.data_ptr() + 10, 90) == (0, 100, 128) and a.born_in(t.data_ptr() + 10, 91) is None
+    a.empty(600)
+    assert a.empty(500) is None  # no room: the caller falls back to torch.empty
+    a.tail[0] = 768  # both read
+    a.empty(100)  # the last 256 bytes: both earlier buffers are still known
+    assert [b[0] for b in a.born] == [0, 128, 768]
+    a.tail[0] = 896
+    a.empty(200)  # wraps to 0: the first two buffers' space is reused, so they are forgotten
+    assert a.born == [(768, 100, 896), (0, 200, 1280)]
+    assert a.born_in(t.data_ptr() + 150, 10) == (0, 200, 1280) and a.born_in(t.data_ptr() + 300, 10) is None
+
+
+def test_rebuilt_loader_does_not_wrap_twice():
+    """Lightning re-creates loaders from their attributes: the worker init and collate are unwrapped first."""
+    def init(_):
+        pass
+
+    first = ShmDataLoader(Slides(), num_workers=2, worker_init_fn=init, collate_fn=collate)
+    again = ShmDataLoader(Slides(), num_workers=2, worker_init_fn=first.worker_init_fn, collate_fn=first.collate_fn)
+    assert again.worker_init_fn.init is init and again.collate_fn.collate is collate

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from slidefm import buffers
 from slidefm.cohort import h5
 from slidefm.errors import SlidefmError
 from slidefm.grid import GridError, coords_to_grid
@@ -43,9 +44,10 @@ def slide_tensors(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     One storage per slide instead of three: a DataLoader worker sends each storage through its own
     shared-memory segment, and on a VM a fresh segment costs more than the slide's read (measured in
-    benchmarks/io.py). The grid comes first so both views are aligned for their dtypes.
+    benchmarks/io.py). The grid comes first so both views are aligned for their dtypes. In a worker of
+    slidefm's shared-memory transport the storage is the worker's arena (:mod:`slidefm.buffers`).
     """
-    buf = torch.empty(n * 32 + n * dim * 4, dtype=torch.uint8)
+    buf = buffers.empty(n * 32 + n * dim * 4)
     return buf[n * 32:].view(torch.float32).view(n, dim), buf[:n * 32].view(torch.int64).view(2, n, 2)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slidefm import buffers
+
 
 @dataclass
 class PackedSlides:
@@ -80,13 +82,30 @@ def pack_slides(
     offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
     if lens:
         offsets[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0)
-    tokens = torch.cat([torch.as_tensor(f, dtype=torch.float32) for f in features]) if lens else torch.zeros(0, 0)
-    pos = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions]) if lens else torch.zeros(0, 2, dtype=torch.long)
+        tokens, pos = _cat_tokens([torch.as_tensor(f, dtype=torch.float32) for f in features],
+                                  [torch.as_tensor(p, dtype=torch.long) for p in positions])
+    else:
+        tokens, pos = torch.zeros(0, 0), torch.zeros(0, 2, dtype=torch.long)
     mask = None
     if token_masks is not None:
         mask = torch.cat([torch.as_tensor(m, dtype=torch.bool) for m in token_masks])
     return PackedSlides(tokens, pos, offsets, mask, list(slide_ids or [str(i) for i in range(len(lens))]),
                         has_positions)
+
+
+def _cat_tokens(feats: list[Tensor], pos: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(T, D) tokens and (T, 2) positions, concatenated into one storage from :func:`slidefm.buffers.empty`
+    (in a transport worker: its arena, so the batch is not copied again to reach the main process)."""
+    parts = feats + pos
+    if feats[0].dim() != 2 or any(p.shape[1:] != (2,) for p in pos) or any(
+            t.device.type != "cpu" or t.requires_grad for t in parts):
+        return torch.cat(feats), torch.cat(pos)  # autograd or another device: torch's own allocation
+    n, dim = sum(len(f) for f in feats), feats[0].shape[1]
+    buf = buffers.empty(n * 16 + n * dim * 4)  # positions first: both views aligned for their dtypes
+    out_pos, tokens = buf[: n * 16].view(torch.long).view(n, 2), buf[n * 16:].view(torch.float32).view(n, dim)
+    torch.cat(feats, out=tokens)
+    torch.cat(pos, out=out_pos)
+    return tokens, out_pos
 
 
 def unpack(x: Tensor, offsets: Tensor) -> list[Tensor]:

@@ -7,6 +7,8 @@ packed store reads (benchmarks/io.py). :class:`ShmDataLoader` gives each worker 
 mapping made once, before the workers fork: a worker copies the arrays of its collated batch into its
 arena and sends small :class:`ArenaRef` records instead; the main process hands out tensors that are views
 of the arena (no copy) and frees their space when their storage is freed. Pages are faulted once per run, not per batch.
+Each worker also routes :func:`slidefm.buffers.empty` to its arena, so slides read and batches packed there are
+born in it: such a tensor is sent as a record of where it lies, and the transfer copies nothing at all.
 
 Flow control needs no locks between processes. A worker allocates its arena as a ring in the order it
 produces batches, and the DataLoader hands one worker's batches out in that same order, so the main process
@@ -33,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
+from slidefm import buffers
+
 __all__ = ["ArenaRef", "ShmDataLoader", "ShmCollate"]
 
 _HEADER = 64  # bytes: the main process's read position (int64) at offset 0, cache-line padded
@@ -44,14 +48,17 @@ _NO_NUMPY = {torch.bfloat16, *(getattr(torch, n) for n in ("float8_e4m3fn", "flo
 
 @dataclass(frozen=True)
 class ArenaRef:
-    """Where one array of a batch lies in a worker's arena."""
+    """Where one array of a batch lies in a worker's arena, and the allocation it lies in (arrays born in the
+    arena may share one, as a slide's features and grid do)."""
 
     worker: int
     offset: int  # from the start of the arena's data area
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name
     torch: bool  # rebuild as a torch tensor (else a numpy array)
-    end: int  # the worker's ring position after this allocation (bytes ever allocated)
+    end: int  # the worker's ring position after its allocation (bytes ever allocated): names the allocation
+    start: int  # the allocation's first byte (from the start of the data area)
+    nbytes: int  # the allocation's size
 
 
 class _Arena:
@@ -67,6 +74,8 @@ class _Arena:
         self.tail = np.ndarray((1,), np.int64, self.buf, 0)  # written by the main process only
         self.data = np.ndarray((size,), np.uint8, self.buf, _HEADER)
         self.head = 0  # worker-side ring position (each worker process has its own copy)
+        # worker side: (start, nbytes, end) of the buffers handed to readers/collates since the last batch was sent
+        self.born: list[tuple[int, int, int]] = []
         self._out: deque[int] = deque()  # main side: ends of the refs handed out, oldest first
         self._done: set[int] = set()
         self._lock = threading.Lock()  # finalizers run in whichever thread drops a batch
@@ -80,6 +89,26 @@ class _Arena:
             return None
         self.head += skip + n
         return (0 if skip else pos), self.head
+
+    def empty(self, nbytes: int) -> torch.Tensor | None:
+        """Worker side, :func:`slidefm.buffers.empty`'s allocator: ``nbytes`` of the ring as a uint8 tensor,
+        or None when they do not fit now. Unsent, the space is reclaimed with the next batch read after it."""
+        got = self.alloc(nbytes)
+        if got is None:
+            return None
+        start, end = got
+        # a buffer whose space the ring has just reused is stale: never match a tensor against it
+        self.born = [b for b in self.born if b[0] + b[1] <= start or b[0] >= start + max(nbytes, 1)]
+        self.born.append((start, nbytes, end))
+        return torch.from_numpy(self.data[start: start + nbytes])
+
+    def born_in(self, ptr: int, nbytes: int) -> tuple[int, int, int] | None:
+        """The buffer of this batch that holds bytes [ptr, ptr + nbytes) of this process's memory, if any."""
+        off = ptr - self.data.ctypes.data
+        for b in reversed(self.born):
+            if b[0] <= off and off + nbytes <= b[0] + b[1]:
+                return b
+        return None
 
     def hand_out(self, end: int) -> None:
         with self._lock:
@@ -107,26 +136,36 @@ class ShmCollate:
         info = get_worker_info()
         if info is None or info.id >= len(self.arenas):
             return out
-        return _walk(out, lambda a: self._put(info.id, a))
+        arena = self.arenas[info.id]
+        try:
+            return _walk(out, lambda a: self._put(info.id, arena, a))
+        finally:
+            arena.born.clear()  # this batch's buffers are sent or dropped
 
-    def _put(self, worker: int, a):
+    def _put(self, worker: int, arena: _Arena, a):
         if isinstance(a, ArenaRef):
             return a
         is_torch = isinstance(a, torch.Tensor)
         if is_torch and (a.requires_grad or a.device.type != "cpu" or a.is_sparse or a.dtype in _NO_NUMPY):
             return a
         arr = a.numpy() if is_torch else a
+        if arr.dtype.hasobject:
+            return a
+        base = arena.data.ctypes.data
+        if arr.flags.c_contiguous and (b := arena.born_in(arr.ctypes.data, arr.nbytes)) is not None:
+            # born in the arena (slidefm.buffers): send where it lies, copy nothing
+            return ArenaRef(worker, arr.ctypes.data - base, tuple(arr.shape), arr.dtype.str, is_torch, b[2], b[0], b[1])
         # Every tensor goes in (torch's path costs a segment per tensor, and shares the whole storage of
         # a small view); small numpy arrays are cheaper to pickle.
-        if arr.dtype.hasobject or (not is_torch and arr.nbytes < self.min_bytes):
+        if not is_torch and arr.nbytes < self.min_bytes:
             return a
-        got = self.arenas[worker].alloc(arr.nbytes)
+        got = arena.alloc(arr.nbytes)
         if got is None:
             return a  # does not fit: torch's own path
         offset, end = got
-        dst = self.arenas[worker].data[offset: offset + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+        dst = arena.data[offset: offset + arr.nbytes].view(arr.dtype).reshape(arr.shape)
         np.copyto(dst, arr, casting="no")
-        return ArenaRef(worker, offset, tuple(arr.shape), arr.dtype.str, is_torch, end)
+        return ArenaRef(worker, offset, tuple(arr.shape), arr.dtype.str, is_torch, end, offset, arr.nbytes)
 
 
 def _walk(obj, fn):
@@ -151,6 +190,19 @@ def _walk(obj, fn):
     return obj
 
 
+class _ArenaWorkerInit:
+    """Wraps a worker_init_fn: first routes :func:`slidefm.buffers.empty` in the worker to its arena."""
+
+    def __init__(self, init, arenas: list[_Arena]):
+        self.init, self.arenas = init, arenas
+
+    def __call__(self, worker_id: int) -> None:
+        if worker_id < len(self.arenas):
+            buffers.install(self.arenas[worker_id].empty)
+        if self.init is not None:
+            self.init(worker_id)
+
+
 class ShmDataLoader(DataLoader):
     """A DataLoader whose workers send large arrays through per-worker shared-memory arenas.
 
@@ -163,6 +215,8 @@ class ShmDataLoader(DataLoader):
             raise ValueError(f"transport must be 'shm' or 'torch', got {transport!r}")
         if isinstance(kwargs.get("collate_fn"), ShmCollate):  # rebuilt from a built loader's attributes
             kwargs["collate_fn"] = kwargs["collate_fn"].collate
+        if isinstance(kwargs.get("worker_init_fn"), _ArenaWorkerInit):
+            kwargs["worker_init_fn"] = kwargs["worker_init_fn"].init
         super().__init__(*args, **kwargs)
         ctx = self.multiprocessing_context or mp.get_context()
         method = ctx if isinstance(ctx, str) else ctx.get_start_method()
@@ -171,6 +225,7 @@ class ShmDataLoader(DataLoader):
         self.transport = transport if (self.num_workers > 0 and method == "fork" and arena_mb > 0) else "torch"
         if self.transport == "shm":
             self.collate_fn = ShmCollate(self.collate_fn, self._arenas)
+            self.worker_init_fn = _ArenaWorkerInit(self.worker_init_fn, self._arenas)
 
     def __iter__(self) -> Iterator[Any]:
         if self.transport != "shm":
@@ -188,26 +243,39 @@ class ShmDataLoader(DataLoader):
         their storage is freed; numpy arrays are copies, released at once. (Torch's pin-memory thread, when
         on, sees what it saw before: it pins tensors in dicts/lists/tuples, not ``ArenaRef`` records, and
         slidefm's batches are dataclasses, which it never pinned.)"""
-        copied: list[tuple[_Arena, int]] = []
+        allocs: dict[tuple[int, int], torch.Tensor] = {}  # (worker, end) -> the allocation's bytes
 
         def rebuild(ref):
             if not isinstance(ref, ArenaRef):
                 return ref
-            arena = self._arenas[ref.worker]
-            dt = np.dtype(ref.dtype)
-            n = int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize
-            src = arena.data[ref.offset: ref.offset + n].view(dt).reshape(ref.shape)
-            arena.hand_out(ref.end)
-            if ref.torch:
-                # torch's storage holds ``src`` (the object passed) for as long as any view of the tensor
-                # lives, so ``src`` dying is the moment nothing reads this space any more.
-                t = torch.from_numpy(src)
+            whole = allocs.get((ref.worker, ref.end))
+            if whole is None:
+                arena = self._arenas[ref.worker]
+                src = arena.data[ref.start: ref.start + ref.nbytes]
+                # torch's storage holds ``src`` (the object passed) for as long as any view of ``whole`` lives,
+                # so ``src`` dying is the moment nothing reads this allocation any more.
+                whole = allocs[ref.worker, ref.end] = torch.from_numpy(src)
                 weakref.finalize(src, arena.release, ref.end)
-                return t
-            copied.append((arena, ref.end))
-            return src.copy()  # numpy views would outlive ``src`` (their base is the mapping)
+            dt = np.dtype(ref.dtype)
+            a = ref.offset - ref.start
+            part = whole[a: a + int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize]
+            if ref.torch:
+                return part.view(_torch_dtype(dt)).view(ref.shape)
+            return part.numpy().view(dt).reshape(ref.shape).copy()  # a numpy view would outlive ``src``
 
         out = _walk(batch, rebuild)
-        for arena, end in copied:
-            arena.release(end)
+        # Released in allocation order per worker (the ring's tail only moves over a released prefix); an
+        # allocation only numpy arrays came from is released when ``allocs`` goes, at return.
+        for worker, end in sorted(allocs):
+            self._arenas[worker].hand_out(end)
         return out
+
+
+_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
+
+
+def _torch_dtype(dt: np.dtype) -> torch.dtype:
+    got = _TORCH_DTYPES.get(dt)
+    if got is None:
+        got = _TORCH_DTYPES[dt] = torch.from_numpy(np.empty(0, dt)).dtype
+    return got

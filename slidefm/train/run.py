@@ -125,14 +125,17 @@ def log_allocator() -> str:
     name = active()
     if name == "jemalloc":
         log.info("allocator: jemalloc (%s=system turns it off)", ENV)
+    elif name == "glibc":
+        log.info("allocator: glibc malloc with slidefm's GLIBC_TUNABLES (steady step times; jemalloc needs about "
+                 "half the memory: apt install libjemalloc2)")
     elif not sys.platform.startswith("linux") or os.environ.get(ENV, "").strip().lower() == "system":
         pass
     elif lib := find_jemalloc():
         log.info("allocator: glibc malloc, which slows long CPU runs down step by step; jemalloc is installed but "
                  "only the `slidefm train` command preloads it (elsewhere: LD_PRELOAD=%s)", lib)
     else:
-        log.info("allocator: glibc malloc, which slows long CPU runs down step by step: install jemalloc "
-                 "(apt install libjemalloc2) and `slidefm train` uses it")
+        log.info("allocator: glibc malloc, which slows long CPU runs down step by step; the `slidefm train` command "
+                 "sets GLIBC_TUNABLES against that, or uses jemalloc when installed (apt install libjemalloc2)")
     return name
 
 
