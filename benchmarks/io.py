@@ -9,8 +9,8 @@ The cohort is written once with h5py (reused from --dir on later runs; contiguou
 `coords` datasets by default; row-chunked as TRIDENT's save_h5 writes them; or in 32-row chunks as CLAM's
 feature extraction (utils/file_utils.save_hdf5, chunk_size=32) writes them) and
 packed with `slidefm.cohort.pack_cohort`. Each cell reads the same random sample of slides through a
-DataLoader (`slidefm.data.transport.ShmDataLoader`) whose items are `Cohort.read_slide(sid)` (float32 features, coords and
-grid positions; HDF5: `H5SlideReader`, which opens the file and computes the grid, as `train` does
+DataLoader (`slidefm.data.transport.ShmDataLoader`) whose items are `Cohort.read_slide(sid)` (features as stored,
+float16 here, coords and grid positions; HDF5: `H5SlideReader`, which opens the file and computes the grid, as `train` does
 without a store), in the sample's order, with `num_workers` 0 or 2 (forked workers, one torch thread
 each, prefetch_factor 4 as in `slidefm.data.loader`). Every item is sent to the main process; with
 workers, through `--transport` (training's `data.transport`): `shm`, the default, copies large arrays
@@ -25,6 +25,10 @@ rows, the worst case for both formats). With workers, two more cells split the c
 each slide in the worker but returns only its patch count (the read without the transfer), and
 `none_warm_nw2_transfer` reads nothing and returns tensors of each slide's shapes (the transfer alone:
 the floor for any format; ``slide_tensors`` allocates them as a reader does, in the worker's arena with shm).
+With --batch B > 1, each loader message carries B slides packed as training packs them
+(`slidefm.data.batch.pack_slides`: float32 tokens cast from the stored dtype, in the worker's arena): the cells
+named `_b{B}` are what a training batch of B slides costs to read and deliver; the main process touches the
+packed tokens.
 
 Slides are announced to the reader `--read-ahead` items before they are read (training's `data.read_ahead`:
 `SlideReader.will_need`, posix_fadvise(WILLNEED) of the slide's bytes, so a cold read overlaps the reads
@@ -65,7 +69,8 @@ import pandas as pd
 import torch
 
 from slidefm.cohort import Cohort, pack_cohort
-from slidefm.cohort.slides import SlideData, slide_tensors
+from slidefm.cohort.slides import SlideData, feature_dtype, slide_tensors
+from slidefm.data.batch import pack_slides
 from slidefm.data.config import DataConfig
 from slidefm.data.sampler import ReadAheadSampler
 from slidefm.data.transport import ShmDataLoader
@@ -188,9 +193,10 @@ class Reads(torch.utils.data.Dataset):
     CROP x CROP window of grid cells, the same window for both formats.
     """
 
-    def __init__(self, cohort: Cohort, ids: list[str], workers: int, go, deliver: str, sizes: dict[str, int]):
-        self.cohort, self.go, self.deliver, self.sizes = cohort, go, deliver, sizes
-        self.items = [None] * workers + list(ids)
+    def __init__(self, cohort: Cohort, ids: list[str], workers: int, go, deliver: str, sizes: dict[str, int],
+                 dtype: torch.dtype = torch.float32, batch: int = 1):
+        self.cohort, self.go, self.deliver, self.sizes, self.dtype = cohort, go, deliver, sizes, dtype
+        self.items = [None] * (workers * batch) + list(ids)  # each worker's first message is all no-ops
 
     def __len__(self) -> int:
         return len(self.items)
@@ -201,7 +207,7 @@ class Reads(torch.utils.data.Dataset):
             return 0
         self.go.wait()
         if self.deliver == "transfer":
-            feats, grid = slide_tensors(self.sizes[sid], self.cohort.feature_dim)
+            feats, grid = slide_tensors(self.sizes[sid], self.cohort.feature_dim, self.dtype)
             return SlideData(sid, feats, grid[0], grid[1], 0, None)
         if self.deliver == "crop":
             rng = np.random.default_rng(i)
@@ -226,6 +232,14 @@ class Reads(torch.utils.data.Dataset):
 CROP = 16  # grid cells a side of the "crop" cells' window (~128 of a benchmark slide's ~1,000 patches)
 
 
+def pack_batch(items: list):
+    """--batch: the slides of one message packed as a training batch's are (no-op items dropped)."""
+    slides = [s for s in items if not isinstance(s, int)]
+    if not slides:
+        return len(items) * 0
+    return pack_slides([s.features for s in slides], [s.positions for s in slides], [s.slide_id for s in slides])
+
+
 def _worker_init(_):
     torch.set_num_threads(1)  # as slidefm.data.loader's workers
 
@@ -244,14 +258,16 @@ def _cpu_s() -> float:
 
 
 def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, sizes: dict[str, int],
-                 transport: str = "shm", arena_mb: int = 32, read_ahead: int = 0) -> tuple[float, float]:
+                 transport: str = "shm", arena_mb: int = 32, read_ahead: int = 0,
+                 dtype: torch.dtype = torch.float32, batch: int = 1) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the main process and its workers, worker start-up included)."""
     cpu0 = _cpu_s()
     ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared
     go = ctx.Event()
-    ds = Reads(cohort, ids, workers, go, deliver, sizes)
+    ds = Reads(cohort, ids, workers, go, deliver, sizes, dtype, batch)
     sampler = ReadAheadSampler(list(range(len(ds))), ds.will_need, read_ahead)
-    loader = ShmDataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers,
+    loader = ShmDataLoader(ds, batch_size=None if batch == 1 else batch, sampler=sampler, num_workers=workers,
+                           collate_fn=None if batch == 1 else pack_batch,
                            prefetch_factor=4 if workers else None,
                            multiprocessing_context=ctx if workers else None,
                            worker_init_fn=_worker_init if workers else None, transport=transport,
@@ -264,7 +280,7 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
     rows = 0
     for s in it:
         if not isinstance(s, int):
-            touch(s.features)  # the consumer reads what it gets (torch's path maps pages lazily)
+            touch(s.tokens if batch > 1 else s.features)  # the consumer reads what it gets (torch's path maps pages lazily)
         rows += s if isinstance(s, int) else len(s.positions)
     secs = time.perf_counter() - t0
     assert rows == sum(sizes[s] for s in ids)  # every slide arrived, whole
@@ -280,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--reads", type=int, default=1000, help="random slides read per measurement")
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values, comma-separated")
+    ap.add_argument("--batch", type=int, default=16,
+                    help="also time whole-slide reads B slides per message, packed as training packs a batch "
+                         "(cells named _bB; the house recipe's batch is 16 patients); 1: per-slide cells only")
     ap.add_argument("--transport", default="shm", choices=["shm", "torch"],
                     help="how workers send slides (data.transport): training's default shm arenas, or torch's path")
     ap.add_argument("--arena-mb", type=int, default=32,
@@ -347,11 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     rows_read = sum(sizes[s] for s in ids)
     # the store's bytes (features, grid) in proportion to the rows read
     read_bytes["store"] = int(sum(p.stat().st_size for p in store_files) * rows_read / sum(sizes.values()))
-    cells = [("hdf5", via_h5, "slide"), ("store", via_store, "slide")]
+    cells = [("hdf5", via_h5, "slide", 1), ("store", via_store, "slide", 1)]
+    if args.batch > 1:
+        cells += [("hdf5", via_h5, "slide", args.batch), ("store", via_store, "slide", args.batch)]
     if args.crop:
-        cells += [("hdf5", via_h5, "crop"), ("store", via_store, "crop")]
+        cells += [("hdf5", via_h5, "crop", 1), ("store", via_store, "crop", 1)]
     if any(workers):
-        cells += [("hdf5", via_h5, "count"), ("store", via_store, "count"), ("none", via_store, "transfer")]
+        cells += [("hdf5", via_h5, "count", 1), ("store", via_store, "count", 1), ("none", via_store, "transfer", 1)]
+    dtype = feature_dtype(np.dtype(args.dtype))
+    # a batch cell's arena holds what the loader keeps in flight (prefetch_factor 4, one being packed), as
+    # training's data.arena_mb does: its pages are touched once per cell here, once per run in training
+    batch_arena_mb = max(args.arena_mb, -(-6 * args.batch * int(args.patches * 1.5) * (args.dim * 4 + 32) // 2**20))
     runs: dict[str, list[float]] = {}
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
     fixed_cpu = {nw: statistics.median(timed_loader(via_store, [], nw, "slide", sizes, args.transport, args.arena_mb)[1] for _ in range(3))
@@ -359,15 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     for nw in workers:
         for _ in range(args.repeats):
             # formats alternate within each repeat, so a change in the machine's load hits both alike
-            for name, cohort, deliver in cells:
+            for name, cohort, deliver, batch in cells:
                 if deliver not in ("slide", "crop") and nw == 0:
                     continue
                 for cache in ("cold", "warm") if name != "none" else ("warm",):
                     if cache == "cold":
                         evict(files)
-                    key = f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
-                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport, args.arena_mb,
-                                             args.read_ahead)
+                    key = (f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
+                           + ("" if batch == 1 else f"_b{batch}"))
+                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport,
+                                             args.arena_mb if batch == 1 else batch_arena_mb, args.read_ahead,
+                                             dtype, batch)
                     runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw]))
     results: dict[str, dict] = {}
     for key, pairs in runs.items():
@@ -395,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         "reads": len(ids),
         "transport": args.transport,
         "arena_mb": args.arena_mb,
+        "batch": args.batch,
+        "batch_arena_mb": batch_arena_mb,
         "read_ahead": args.read_ahead,
         "crop_cells": {"window_cells": CROP} if args.crop else None,
         "bytes_per_pass": read_bytes,

@@ -72,7 +72,7 @@ def slide_loader(cohort, slide_ids: list[str], cfg: ExportConfig) -> ShmDataLoad
     ds = _SlideReads(cohort, slide_ids)
     sampler = ReadAheadSampler(list(range(len(ds))), ds.will_need, cfg.read_ahead)
     dim = getattr(cohort, "feature_dim", None)
-    row_bytes = (int(dim) * 4 + 32) if isinstance(dim, int) else 0  # float32 features + grid, per patch
+    row_bytes = (int(dim) * 4 + 32) if isinstance(dim, int) else 0  # features (float32 at most) + grid, per patch
     # No larger than that: the ring's pages stay mapped once touched, so the arena is part of export's peak RSS.
     arena_mb = max(64, -(-2 * cfg.batch_tokens * row_bytes // 2**20))
     return ShmDataLoader(ds, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,

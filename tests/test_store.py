@@ -15,9 +15,10 @@ from slidefm.cohort import pack as pack_mod
 from slidefm.errors import CohortError, SlidefmError
 
 
-def assert_same(a, b):
+def assert_same(a, b, dtype=None):
     assert a.slide_id == b.slide_id
-    assert torch.equal(a.features, b.features) and a.features.dtype == b.features.dtype == torch.float32
+    assert torch.equal(a.features, b.features) and a.features.dtype == b.features.dtype
+    assert a.features.dtype in (torch.float16, torch.float32) and dtype in (None, a.features.dtype)
     assert torch.equal(a.coords, b.coords) and torch.equal(a.positions, b.positions)
     assert (a.step, a.patch_size_level0) == (b.step, b.patch_size_level0)
 
@@ -30,7 +31,7 @@ def test_store_equals_hdf5(tmp_path, capsys, dtype):
     via_h5, via_store = Cohort.open(root, store=False), Cohort.open(root)
     assert via_store.store is not None and via_h5.store is None
     for sid in via_h5.slide_ids:
-        assert_same(via_h5.read_slide(sid), via_store.read_slide(sid))
+        assert_same(via_h5.read_slide(sid), via_store.read_slide(sid), getattr(torch, dtype))  # as stored
     store = via_store.store
     assert len(store.index["shards"]) == 7 and store.dim == via_h5.feature_dim == 16
     shard = np.load(store.path / "features-00000.npy", mmap_mode="r")
@@ -142,13 +143,13 @@ def _bag_cohort(tmp_path):
     return Cohort.open(root, store=False), Cohort.open(root)
 
 
-@pytest.mark.parametrize("chunk", [None, 100])  # 100 B: 3 rows per converted piece, the last one shorter
-def test_slide_is_one_storage_and_equal(tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize("advise", [None, 100])  # 100 B: every slide's range is requested before its read
+def test_slide_is_one_storage_and_equal(tmp_path, monkeypatch, advise):
     # A DataLoader worker sends each storage through its own shared-memory segment: one per slide.
     from slidefm.cohort import store as store_mod
 
-    if chunk is not None:
-        monkeypatch.setattr(store_mod, "CONVERT_CHUNK_BYTES", chunk)
+    if advise is not None:
+        monkeypatch.setattr(store_mod, "ADVISE_BYTES", advise)
     via_h5, via_store = _bag_cohort(tmp_path)
     assert via_store.store is not None
     for sid in via_h5.slide_ids:
@@ -195,7 +196,8 @@ def test_store_read_rows_equals_hdf5(tmp_path, monkeypatch, gap):
             assert (ra.rows is None) == (rb.rows is None) == (chosen is None)
             if chosen is not None:
                 assert np.array_equal(ra.rows, rb.rows) and np.array_equal(rb.rows, np.unique(chosen))
-            assert rb.features.dtype == np.float32 and np.array_equal(ra.features, rb.features)
+            assert rb.features.dtype == ra.features.dtype == np.float16  # as stored
+            assert np.array_equal(ra.features, rb.features)
             whole = via_h5.read_slide(sid).features.numpy()
             assert np.array_equal(rb.take(np.unique(chosen) if chosen is not None else np.arange(n)),
                                   whole if chosen is None else whole[np.unique(chosen)])

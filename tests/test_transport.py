@@ -258,9 +258,28 @@ def test_collated_batches_are_packed_in_the_arena():
     ref = list(ShmDataLoader(ds, batch_size=3, collate_fn=collate_packed, num_workers=0))
     got = list(ShmDataLoader(ds, batch_size=3, collate_fn=collate_packed, num_workers=2))
     assert len(got) == len(ref) == 4
-    for (a, _), (b, ptr) in zip(ref, got):
+    for k, ((a, _), (b, ptr)) in enumerate(zip(ref, got)):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions) and a.slide_ids == b.slide_ids
         assert b.tokens.data_ptr() == ptr
+        # the slides are float16 as read; the batch is float32, cast while packing
+        slides = [ds[i]["slide"] for i in range(3 * k, 3 * k + 3)]
+        assert slides[0].features.dtype == torch.float16 and b.tokens.dtype == torch.float32
+        assert torch.equal(b.tokens, torch.cat([s.features.float() for s in slides]))
+
+
+def test_pack_casts_any_feature_dtype_to_float32():
+    from slidefm.data.batch import pack_slides
+
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((5, 8)).astype(np.float16), torch.randn(3, 8), rng.standard_normal((4, 8)),
+             torch.randn(2, 8).to(torch.bfloat16)]  # float16, float32, float64 (numpy), bfloat16
+    pos = [np.zeros((len(f), 2), np.int64) for f in feats]
+    want = torch.cat([torch.as_tensor(f).to(torch.float32) for f in feats])
+    for fs in (feats, [torch.as_tensor(f).requires_grad_(f.dtype != np.float16) if isinstance(f, np.ndarray)
+                       else f for f in feats]):  # the fast path, and torch's own (a tensor needing grad)
+        packed = pack_slides(fs, pos)
+        assert packed.tokens.dtype == torch.float32 and torch.equal(packed.tokens.detach(), want)
+        assert packed.offsets.tolist() == [0, 5, 8, 12, 14]
 
 
 def test_born_buffers_unit():

@@ -19,7 +19,11 @@ from slidefm.grid import GridError, coords_to_grid
 
 @dataclass
 class SlideData:
-    """One slide: float32 features, level-0 coords and integer grid positions, same row order.
+    """One slide: features in the file's dtype, level-0 coords and integer grid positions, same row order.
+
+    Features stay float16 when the file holds float16 (bfloat16 files come as float32): half the bytes to read,
+    send between processes and keep; :func:`slidefm.data.batch.pack_slides` casts them to float32 while it
+    packs a batch.
 
     A features-only bag (a .pt file, or HDF5 without ``coords``) has ``has_positions=False`` and
     all-zero ``coords``/``positions``, ``step`` 0: only position-free models may use it (the
@@ -27,7 +31,7 @@ class SlideData:
     """
 
     slide_id: str
-    features: torch.Tensor  # (N, D) float32
+    features: torch.Tensor  # (N, D) float16 or float32, as stored
     coords: torch.Tensor  # (N, 2) int64 level-0 (x, y)
     positions: torch.Tensor  # (N, 2) int64 grid (col, row)
     step: int  # level-0 stride between neighbouring grid cells
@@ -39,16 +43,21 @@ class SlideData:
         return int(self.features.shape[0])
 
 
-def slide_tensors(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised (n, dim) float32 features and (2, n, 2) int64 grid (coords, positions), one storage.
+def slide_tensors(n: int, dim: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (n, dim) ``dtype`` features and (2, n, 2) int64 grid (coords, positions), one storage.
 
     One storage per slide instead of three: a DataLoader worker sends each storage through its own
     shared-memory segment, and on a VM a fresh segment costs more than the slide's read (measured in
     benchmarks/io.py). The grid comes first so both views are aligned for their dtypes. In a worker of
     slidefm's shared-memory transport the storage is the worker's arena (:mod:`slidefm.buffers`).
     """
-    buf = buffers.empty(n * 32 + n * dim * 4)
-    return buf[n * 32:].view(torch.float32).view(n, dim), buf[:n * 32].view(torch.int64).view(2, n, 2)
+    buf = buffers.empty(n * 32 + n * dim * dtype.itemsize)
+    return buf[n * 32:].view(dtype).view(n, dim), buf[:n * 32].view(torch.int64).view(2, n, 2)
+
+
+def feature_dtype(dtype: np.dtype) -> torch.dtype:
+    """The dtype a slide's features are handed out in: float16 kept, anything else float32."""
+    return torch.float16 if dtype == np.float16 else torch.float32
 
 
 def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, positions: np.ndarray | None,
@@ -57,8 +66,7 @@ def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, p
 
     ``coords``/``positions`` None: a features-only bag (zeros, ``has_positions=False``).
     """
-    feats, grid = slide_tensors(*features.shape)
-    # torch's float16 -> float32 cast is several times faster than numpy's on CPU (and equally exact).
+    feats, grid = slide_tensors(*features.shape, feature_dtype(features.dtype))
     feats.copy_(torch.from_numpy(np.ascontiguousarray(features)))
     return finish_slide(slide_id, feats, grid, coords, positions, step, patch_size_level0)
 
@@ -102,13 +110,14 @@ def read_slide_arrays(path: Path) -> tuple[h5.SlideHeader, np.ndarray, np.ndarra
 
 @dataclass
 class SlideRows:
-    """Part of one slide: every patch's grid position, and the float32 features of chosen rows only."""
+    """Part of one slide: every patch's grid position, and the features (as :class:`SlideData`'s) of chosen
+    rows only."""
 
     slide_id: str
     positions: np.ndarray  # (N, 2) int64 grid (col, row) of every patch (zeros for a features-only bag)
     has_positions: bool
     rows: np.ndarray | None  # (k,) sorted unique row indices of ``features``; None = every row
-    features: np.ndarray  # (k, D) float32 (N rows when ``rows`` is None)
+    features: np.ndarray  # (k, D) float16 or float32 (N rows when ``rows`` is None)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Features of slide rows ``idx`` (each one of ``rows``), in the order of ``idx``."""
@@ -198,8 +207,7 @@ class H5SlideReader(SlideReader):
                 feats = src.features() if rows is None else src.feature_rows(rows)
         except h5.SlideFileError as e:
             raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None
-        # torch's float16 -> float32 cast is several times faster than numpy's (see slide_data)
-        feats = torch.from_numpy(np.ascontiguousarray(feats)).to(torch.float32).numpy()
+        feats = np.ascontiguousarray(feats, dtype=np.float16 if feats.dtype == np.float16 else np.float32)
         return SlideRows(slide_id, np.ascontiguousarray(pos, dtype=np.int64), coords is not None, rows, feats)
 
 

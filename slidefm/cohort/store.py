@@ -20,18 +20,17 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-import torch
 
 from slidefm.cohort import h5
-from slidefm.cohort.slides import (RowSelector, SlideData, SlideReader, SlideRows, finish_slide, selected_rows,
-                                   slide_tensors)
+from slidefm.cohort.slides import (RowSelector, SlideData, SlideReader, SlideRows, feature_dtype, finish_slide,
+                                   selected_rows, slide_tensors)
 from slidefm.errors import SlidefmError
 
 FORMAT = "slidefm-store/1"
 INDEX = "index.json"
 GRID = "grid.npy"
 DEFAULT_SHARD_BYTES = 1 << 30
-CONVERT_CHUNK_BYTES = 256 << 10  # a slide's stored-dtype rows are read and converted in pieces of this size
+ADVISE_BYTES = 256 << 10  # a whole-slide read at least this large first requests all its bytes at once
 RUN_GAP_BYTES = 64 << 10  # read_rows reads through gaps up to this size between wanted rows
 _COLUMNS = ("slide_id", "shard", "offset", "row", "n", "step", "patch_size_level0", "origin_x", "origin_y",
             "source", "source_size", "source_mtime_ns", "has_positions", "step_source", "snapped", "collided")
@@ -147,23 +146,6 @@ class StoreSlideReader(SlideReader):
         feats = self._pread(fd, np.empty((n, self.dim), dtype), pos)
         return feats, self._grid(*self._open()[1], row, n)
 
-    def _read_features(self, fd: int, pos: int, dtype: np.dtype, out: torch.Tensor) -> None:
-        """Rows of one slide at byte ``pos`` of a shard into the float32 ``out``."""
-        if dtype == np.float32:
-            self._pread(fd, out.numpy(), pos)  # no conversion: read into the output itself
-            return
-        n = len(out)
-        row_bytes = self.dim * dtype.itemsize
-        rows = max(1, CONVERT_CHUNK_BYTES // row_bytes)
-        if n > rows:
-            # The whole slide is requested at once (asynchronously), then converted chunk by chunk as it
-            # arrives: on a cold cache the conversion overlaps the rest of the read instead of following it.
-            os.posix_fadvise(fd, pos, n * row_bytes, os.POSIX_FADV_WILLNEED)
-        buf = np.empty((min(n, rows), self.dim), dtype)
-        for a in range(0, n, rows):
-            b = min(n, a + rows)
-            out[a:b].copy_(torch.from_numpy(self._pread(fd, buf[:b - a], pos + a * row_bytes)))
-
     def read(self, slide_id: str) -> SlideData:
         # Same result as slide_data(read_arrays(...)) (tested), written straight into the output tensors.
         i, (k, off, row, n, step) = self._locate(slide_id)
@@ -175,8 +157,12 @@ class StoreSlideReader(SlideReader):
             # slide costs about one request's latency instead of two. Warm: a page-cache lookup. (Also when
             # the loader announced the slide already: tracking which were announced would cost as much.)
             self._advise_grid(gfd, gstart, row, n)
-        feats, grid = slide_tensors(n, self.dim)
-        self._read_features(fd, pos, dtype, feats)
+        feats, grid = slide_tensors(n, self.dim, feature_dtype(dtype))
+        nbytes = n * self.dim * dtype.itemsize
+        if nbytes >= ADVISE_BYTES:
+            # Cold cache: one request for the whole slide, not the kernel's readahead windows one after another
+            os.posix_fadvise(fd, pos, nbytes, os.POSIX_FADV_WILLNEED)
+        self._pread(fd, feats.numpy(), pos)  # shards hold float16 or float32: read as stored, no conversion
         g = self._grid(gfd, gstart, row, n) if has else None
         return finish_slide(slide_id, feats, grid, None if g is None else g[:, :2], None if g is None else g[:, 2:],
                             step, self.psl0[i])
@@ -196,8 +182,7 @@ class StoreSlideReader(SlideReader):
             # disk round trip cold) costs more than reading that many unwanted bytes.
             raw = h5.gather_rows(rows, max(4, RUN_GAP_BYTES // row_bytes), self.dim, dtype, lambda a, b: self._pread(
                 fd, np.empty((b - a, self.dim), dtype), base + a * row_bytes))
-        feats = torch.from_numpy(raw).to(torch.float32).numpy()  # torch's cast: see slide_data
-        return SlideRows(slide_id, pos, has, rows, feats)
+        return SlideRows(slide_id, pos, has, rows, raw)
 
 
 class PackedStore:

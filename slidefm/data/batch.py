@@ -74,7 +74,8 @@ def pack_slides(
     token_masks: Sequence[np.ndarray | Tensor] | None = None,
     has_positions: bool = True,
 ) -> PackedSlides:
-    """Concatenate per-slide (n_i, D) features and (n_i, 2) positions into one packed batch.
+    """Concatenate per-slide (n_i, D) features and (n_i, 2) positions into one packed batch of float32
+    tokens (float16 features are cast as they are copied in).
 
     ``has_positions=False``: some slide is a features-only bag (its positions are zeros).
     """
@@ -82,7 +83,7 @@ def pack_slides(
     offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
     if lens:
         offsets[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0)
-        tokens, pos = _cat_tokens([torch.as_tensor(f, dtype=torch.float32) for f in features],
+        tokens, pos = _cat_tokens([_floating(torch.as_tensor(f)) for f in features],
                                   [torch.as_tensor(p, dtype=torch.long) for p in positions])
     else:
         tokens, pos = torch.zeros(0, 0), torch.zeros(0, 2, dtype=torch.long)
@@ -93,17 +94,23 @@ def pack_slides(
                         has_positions)
 
 
+def _floating(f: Tensor) -> Tensor:
+    """Float16 and float32 as they are (the concatenation casts); anything else as float32 now."""
+    return f if f.dtype in (torch.float16, torch.float32) else f.to(torch.float32)
+
+
 def _cat_tokens(feats: list[Tensor], pos: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """(T, D) tokens and (T, 2) positions, concatenated into one storage from :func:`slidefm.buffers.empty`
+    """(T, D) float32 tokens and (T, 2) positions, concatenated into one storage from :func:`slidefm.buffers.empty`
     (in a transport worker: its arena, so the batch is not copied again to reach the main process)."""
     parts = feats + pos
     if feats[0].dim() != 2 or any(p.shape[1:] != (2,) for p in pos) or any(
             t.device.type != "cpu" or t.requires_grad for t in parts):
-        return torch.cat(feats), torch.cat(pos)  # autograd or another device: torch's own allocation
+        # autograd or another device: torch's own allocation
+        return torch.cat([f.to(torch.float32) for f in feats]), torch.cat(pos)
     n, dim = sum(len(f) for f in feats), feats[0].shape[1]
     buf = buffers.empty(n * 16 + n * dim * 4)  # positions first: both views aligned for their dtypes
     out_pos, tokens = buf[: n * 16].view(torch.long).view(n, 2), buf[n * 16:].view(torch.float32).view(n, dim)
-    torch.cat(feats, out=tokens)
+    torch.cat(feats, out=tokens)  # float16 slides are cast on the way in: one pass, no float32 copy of each
     torch.cat(pos, out=out_pos)
     return tokens, out_pos
 

@@ -73,6 +73,9 @@ class _Arena:
         self.buf = mmap.mmap(-1, _HEADER + size, flags=mmap.MAP_SHARED)
         self.tail = np.ndarray((1,), np.int64, self.buf, 0)  # written by the main process only
         self.data = np.ndarray((size,), np.uint8, self.buf, _HEADER)
+        # The data area's address, read once (numpy's ``.ctypes`` costs microseconds a call); forked workers
+        # inherit the mapping at the same address.
+        self.base = _address(self.data)
         self.head = 0  # worker-side ring position (each worker process has its own copy)
         # worker side: (start, nbytes, end) of the buffers handed to readers/collates since the last batch was sent
         self.born: list[tuple[int, int, int]] = []
@@ -104,7 +107,7 @@ class _Arena:
 
     def born_in(self, ptr: int, nbytes: int) -> tuple[int, int, int] | None:
         """The buffer of this batch that holds bytes [ptr, ptr + nbytes) of this process's memory, if any."""
-        off = ptr - self.data.ctypes.data
+        off = ptr - self.base
         for b in reversed(self.born):
             if b[0] <= off and off + nbytes <= b[0] + b[1]:
                 return b
@@ -151,10 +154,10 @@ class ShmCollate:
         arr = a.numpy() if is_torch else a
         if arr.dtype.hasobject:
             return a
-        base = arena.data.ctypes.data
-        if arr.flags.c_contiguous and (b := arena.born_in(arr.ctypes.data, arr.nbytes)) is not None:
+        ptr = a.data_ptr() if is_torch else _address(arr)
+        if arr.flags.c_contiguous and (b := arena.born_in(ptr, arr.nbytes)) is not None:
             # born in the arena (slidefm.buffers): send where it lies, copy nothing
-            return ArenaRef(worker, arr.ctypes.data - base, tuple(arr.shape), arr.dtype.str, is_torch, b[2], b[0], b[1])
+            return ArenaRef(worker, ptr - arena.base, tuple(arr.shape), arr.dtype.str, is_torch, b[2], b[0], b[1])
         # Every tensor goes in (torch's path costs a segment per tensor, and shares the whole storage of
         # a small view); small numpy arrays are cheaper to pickle.
         if not is_torch and arr.nbytes < self.min_bytes:
@@ -166,6 +169,11 @@ class ShmCollate:
         dst = arena.data[offset: offset + arr.nbytes].view(arr.dtype).reshape(arr.shape)
         np.copyto(dst, arr, casting="no")
         return ArenaRef(worker, offset, tuple(arr.shape), arr.dtype.str, is_torch, end, offset, arr.nbytes)
+
+
+def _address(arr: np.ndarray) -> int:
+    """Address of an array's first byte."""
+    return arr.__array_interface__["data"][0]
 
 
 def _walk(obj, fn):

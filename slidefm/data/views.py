@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import numpy as np
+import torch
 
 __all__ = [
     "View",
@@ -432,7 +433,8 @@ def finish_views(take, plans: list[ViewPlan], cfg: ViewConfig, rng: np.random.Ge
     """
     out = SlideViews([], [])
     for p in plans:
-        f = np.array(take(p.indices), dtype=np.float32, copy=True)
+        # float16 rows cast by torch (several times faster than numpy's cast on CPU, and equally exact)
+        f = torch.from_numpy(np.ascontiguousarray(take(p.indices))).to(torch.float32).numpy()
         if cfg.stain_jitter > 0:
             f = stain_jitter(f, cfg.stain_jitter, rng, cfg.stain_dirs)
         if cfg.noise_std > 0:
