@@ -68,6 +68,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slidefm.allocator import active, reexec_with_allocator
 from slidefm.cohort import Cohort, pack_cohort
 from slidefm.cohort.slides import SlideData, feature_dtype, slide_tensors
 from slidefm.data.batch import pack_slides
@@ -296,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--reads", type=int, default=1000, help="random slides read per measurement")
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values, comma-separated")
-    ap.add_argument("--batch", type=int, default=16,
+    ap.add_argument("--batch", type=int, default=1,
                     help="also time whole-slide reads B slides per message, packed as training packs a batch "
-                         "(cells named _bB; the house recipe's batch is 16 patients); 1: per-slide cells only")
+                         "(cells named _bB; 16 is the house recipe's batch); 1: none. Their arena is fresh in each "
+                         "cell, as in a run's first pass through it")
     ap.add_argument("--transport", default="shm", choices=["shm", "torch"],
                     help="how workers send slides (data.transport): training's default shm arenas, or torch's path")
     ap.add_argument("--arena-mb", type=int, default=32,
@@ -315,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/io.json (io-LAYOUT.json for "
                     "the other --h5-layout values)")
     args = ap.parse_args(argv)
+    if argv is None:
+        reexec_with_allocator()  # the malloc `slidefm train` runs on (the workers fork from this process)
     if args.out is None:
         args.out = str(Path(__file__).parent / "results" / ("io.json" if args.h5_layout == "contiguous"
                                                              else f"io-{args.h5_layout}.json"))
@@ -442,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "speedup": speedup,  # medians
         "speedup_best": speedup_best,  # best runs
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "h5py": h5py.__version__,
+        "machine": {"cpus": os.cpu_count(), "allocator": active(), "python": platform.python_version(), "h5py": h5py.__version__,
                     "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
     }

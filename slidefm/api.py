@@ -65,7 +65,7 @@ class Encoder:
     # -- slides --------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_packed(self, packed: PackedSlides, want_tokens: bool = False):
-        out = self.model.export_slides(packed.to(self.device))
+        out = self.model.export_slides(packed.to(self.device, torch.float32))
         slide = out.slide.float().cpu().numpy()
         tokens = []
         if want_tokens:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from slidefm.checkpoint import WEIGHTS
@@ -79,6 +80,11 @@ def slide_loader(cohort, slide_ids: list[str], cfg: ExportConfig) -> ShmDataLoad
                          prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False, arena_mb=arena_mb)
 
 
+def _accelerated(encoder) -> bool:
+    """Whether the encoder runs off the CPU (an encoder without a ``device`` runs on it)."""
+    return torch.device(getattr(encoder, "device", "cpu")).type != "cpu"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -117,8 +123,10 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         loader = slide_loader(cohort, chunks[ci], cfg)
         embs, toks = [], []
         for batch in _budget_batches_stream(loader, cfg.batch_tokens):
+            # On an accelerator float16 slides cross as float16 and are cast there; on the CPU, while packing.
             packed = pack_slides([b[1] for b in batch], [b[2] for b in batch], [b[0] for b in batch],
-                                 has_positions=all(b[3] for b in batch))
+                                 has_positions=all(b[3] for b in batch),
+                                 dtype=None if _accelerated(encoder) else torch.float32)
             n_batch = len(batch)
             del batch  # copied into `packed`: the slides' arena space is free for the reads ahead
             slide, tokens = encoder.encode_packed(packed, want_tokens)

@@ -279,3 +279,27 @@ def test_slide_loader_sends_slides_through_a_sized_arena(trained):
     assert [g[0] for g in got] == ids
     for (sid, feats, pos, _), want in zip(got, (cohort.read_slide(s) for s in ids)):
         assert torch.equal(feats, want.features) and torch.equal(pos, want.positions)
+
+
+def test_encoder_casts_float16_batches_on_its_device(tmp_path):
+    """Export on an accelerator packs float16 slides as float16; the encoder casts them on its device, with
+    the same embeddings as a float32 batch (checked here on the CPU)."""
+    from omegaconf import OmegaConf
+
+    from slidefm.api import Encoder
+    from slidefm.data.batch import pack_slides
+    from slidefm.models.model import SlideFM
+
+    cfg = OmegaConf.create({"aggregator": {"name": "vit", "dim": 16, "depth": 1, "heads": 2, "pos": "none", "peg": 0},
+                            "case": None, "report": None, "expression": None, "omics": {}, "input_norm": "center",
+                            "embed_dim": 8, "patient_pool": "mean", "mean_path": True, "learned_pcs": 0})
+    torch.manual_seed(0)
+    enc = Encoder(SlideFM(cfg, in_dim=8), {"config": cfg}, "x", "", torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    feats = [rng.standard_normal((n, 8)).astype(np.float16) for n in (5, 9)]
+    pos = [np.stack([np.arange(n) % 3, np.arange(n) // 3], 1) for n in (5, 9)]
+    half, full = pack_slides(feats, pos, dtype=None), pack_slides(feats, pos)
+    assert half.tokens.dtype == torch.float16 and full.tokens.dtype == torch.float32
+    a, b = enc.encode_packed(half, True), enc.encode_packed(full, True)
+    assert np.array_equal(a[0], b[0]) and all(np.array_equal(x, y) for x, y in zip(a[1], b[1]))
+

@@ -280,6 +280,11 @@ def test_pack_casts_any_feature_dtype_to_float32():
         packed = pack_slides(fs, pos)
         assert packed.tokens.dtype == torch.float32 and torch.equal(packed.tokens.detach(), want)
         assert packed.offsets.tolist() == [0, 5, 8, 12, 14]
+        # dtype=None (export to an accelerator): float32 unless every slide is float16
+        assert torch.equal(pack_slides(fs, pos, dtype=None).tokens.detach(), want)
+    halves = [f for f in feats if f.dtype == np.float16] * 2
+    kept = pack_slides(halves, [np.zeros((len(f), 2), np.int64) for f in halves], dtype=None).tokens
+    assert kept.dtype == torch.float16 and torch.equal(kept, torch.cat([torch.from_numpy(f) for f in halves]))
 
 
 def test_born_buffers_unit():

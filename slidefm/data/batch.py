@@ -73,9 +73,11 @@ def pack_slides(
     slide_ids: Sequence[str] | None = None,
     token_masks: Sequence[np.ndarray | Tensor] | None = None,
     has_positions: bool = True,
+    dtype: torch.dtype | None = torch.float32,
 ) -> PackedSlides:
-    """Concatenate per-slide (n_i, D) features and (n_i, 2) positions into one packed batch of float32
-    tokens (float16 features are cast as they are copied in).
+    """Concatenate per-slide (n_i, D) features and (n_i, 2) positions into one packed batch of ``dtype``
+    tokens (float16 features are cast as they are copied in). ``dtype=None``: float16 when every slide is
+    float16 (half the bytes to move to an accelerator, cast there), else float32.
 
     ``has_positions=False``: some slide is a features-only bag (its positions are zeros).
     """
@@ -83,8 +85,10 @@ def pack_slides(
     offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
     if lens:
         offsets[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0)
-        tokens, pos = _cat_tokens([_floating(torch.as_tensor(f)) for f in features],
-                                  [torch.as_tensor(p, dtype=torch.long) for p in positions])
+        feats = [_floating(torch.as_tensor(f)) for f in features]
+        if dtype is None:
+            dtype = torch.float16 if all(f.dtype == torch.float16 for f in feats) else torch.float32
+        tokens, pos = _cat_tokens(feats, [torch.as_tensor(p, dtype=torch.long) for p in positions], dtype)
     else:
         tokens, pos = torch.zeros(0, 0), torch.zeros(0, 2, dtype=torch.long)
     mask = None
@@ -99,17 +103,18 @@ def _floating(f: Tensor) -> Tensor:
     return f if f.dtype in (torch.float16, torch.float32) else f.to(torch.float32)
 
 
-def _cat_tokens(feats: list[Tensor], pos: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """(T, D) float32 tokens and (T, 2) positions, concatenated into one storage from :func:`slidefm.buffers.empty`
-    (in a transport worker: its arena, so the batch is not copied again to reach the main process)."""
+def _cat_tokens(feats: list[Tensor], pos: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(T, D) ``dtype`` tokens and (T, 2) positions, concatenated into one storage from
+    :func:`slidefm.buffers.empty` (in a transport worker: its arena, so the batch is not copied again to reach
+    the main process)."""
     parts = feats + pos
     if feats[0].dim() != 2 or any(p.shape[1:] != (2,) for p in pos) or any(
             t.device.type != "cpu" or t.requires_grad for t in parts):
         # autograd or another device: torch's own allocation
-        return torch.cat([f.to(torch.float32) for f in feats]), torch.cat(pos)
+        return torch.cat([f.to(dtype) for f in feats]), torch.cat(pos)
     n, dim = sum(len(f) for f in feats), feats[0].shape[1]
-    buf = buffers.empty(n * 16 + n * dim * 4)  # positions first: both views aligned for their dtypes
-    out_pos, tokens = buf[: n * 16].view(torch.long).view(n, 2), buf[n * 16:].view(torch.float32).view(n, dim)
+    buf = buffers.empty(n * 16 + n * dim * dtype.itemsize)  # positions first: both views aligned for their dtypes
+    out_pos, tokens = buf[: n * 16].view(torch.long).view(n, 2), buf[n * 16:].view(dtype).view(n, dim)
     torch.cat(feats, out=tokens)  # float16 slides are cast on the way in: one pass, no float32 copy of each
     torch.cat(pos, out=out_pos)
     return tokens, out_pos
