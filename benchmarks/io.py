@@ -195,7 +195,7 @@ class Reads(torch.utils.data.Dataset):
     """
 
     def __init__(self, cohort: Cohort, ids: list[str], workers: int, go, deliver: str, sizes: dict[str, int],
-                 dtype: torch.dtype = torch.float32, batch: int = 1):
+                 dtype: np.dtype | str = "float32", batch: int = 1):
         self.cohort, self.go, self.deliver, self.sizes, self.dtype = cohort, go, deliver, sizes, dtype
         self.items = [None] * (workers * batch) + list(ids)  # each worker's first message is all no-ops
 
@@ -260,7 +260,7 @@ def _cpu_s() -> float:
 
 def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, sizes: dict[str, int],
                  transport: str = "shm", arena_mb: int = 32, read_ahead: int = 0,
-                 dtype: torch.dtype = torch.float32, batch: int = 1) -> tuple[float, float]:
+                 dtype: np.dtype | str = "float32", batch: int = 1) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the main process and its workers, worker start-up included)."""
     cpu0 = _cpu_s()
     ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared

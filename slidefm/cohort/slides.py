@@ -43,21 +43,27 @@ class SlideData:
         return int(self.features.shape[0])
 
 
-def slide_tensors(n: int, dim: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised (n, dim) ``dtype`` features and (2, n, 2) int64 grid (coords, positions), one storage.
+def slide_tensors(n: int, dim: int, dtype: np.dtype | str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (n, dim) features (float16 or float32) and (2, n, 2) int64 grid (coords, positions), one
+    storage.
 
     One storage per slide instead of three: a DataLoader worker sends each storage through its own
     shared-memory segment, and on a VM a fresh segment costs more than the slide's read (measured in
     benchmarks/io.py). The grid comes first so both views are aligned for their dtypes. In a worker of
     slidefm's shared-memory transport the storage is the worker's arena (:mod:`slidefm.buffers`).
     """
-    buf = buffers.empty(n * 32 + n * dim * dtype.itemsize)
-    return buf[n * 32:].view(dtype).view(n, dim), buf[:n * 32].view(torch.int64).view(2, n, 2)
+    dt = _TORCH_FEATURES[np.dtype(dtype)]
+    buf = buffers.empty(n * 32 + n * dim * dt.itemsize)
+    return buf[n * 32:].view(dt).view(n, dim), buf[:n * 32].view(torch.int64).view(2, n, 2)
 
 
-def feature_dtype(dtype: np.dtype) -> torch.dtype:
-    """The dtype a slide's features are handed out in: float16 kept, anything else float32."""
-    return torch.float16 if dtype == np.float16 else torch.float32
+_TORCH_FEATURES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
+def feature_dtype(stored: np.dtype) -> np.dtype:
+    """The dtype a slide's features are handed out in, from the dtype they are stored in: float16 kept (half the
+    bytes to read, send and hold; :func:`slidefm.data.batch.pack_slides` casts), anything else float32."""
+    return np.dtype(np.float16) if stored == np.float16 else np.dtype(np.float32)
 
 
 def slide_data(slide_id: str, features: np.ndarray, coords: np.ndarray | None, positions: np.ndarray | None,
@@ -207,7 +213,7 @@ class H5SlideReader(SlideReader):
                 feats = src.features() if rows is None else src.feature_rows(rows)
         except h5.SlideFileError as e:
             raise SlidefmError(f"{_display(path, self.root)} [slide {slide_id}]: {e}") from None
-        feats = np.ascontiguousarray(feats, dtype=np.float16 if feats.dtype == np.float16 else np.float32)
+        feats = np.ascontiguousarray(feats, dtype=feature_dtype(feats.dtype))
         return SlideRows(slide_id, np.ascontiguousarray(pos, dtype=np.int64), coords is not None, rows, feats)
 
 
