@@ -195,9 +195,11 @@ class Reads(torch.utils.data.Dataset):
     """
 
     def __init__(self, cohort: Cohort, ids: list[str], workers: int, go, deliver: str, sizes: dict[str, int],
-                 dtype: np.dtype | str = "float32", batch: int = 1):
+                 dtype: np.dtype | str = "float32", batch: int = 1, warm: int = 0, warm_rows: int = 0):
         self.cohort, self.go, self.deliver, self.sizes, self.dtype = cohort, go, deliver, sizes, dtype
-        self.items = [None] * (workers * batch) + list(ids)  # each worker's first message is all no-ops
+        self.warm_rows = warm_rows
+        # each worker's first message is all no-ops, then ``warm`` messages of blank slides (see timed_loader)
+        self.items = [None] * (workers * batch) + [WARM] * (warm * batch) + list(ids)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -206,6 +208,11 @@ class Reads(torch.utils.data.Dataset):
         sid = self.items[i]
         if sid is None:
             return 0
+        if sid is WARM:  # every page written, as a read writes it
+            feats, grid = slide_tensors(self.warm_rows, self.cohort.feature_dim, self.dtype)
+            feats.zero_()
+            grid.zero_()
+            return SlideData(WARM, feats, grid[0], grid[1], 0, None)
         self.go.wait()
         if self.deliver == "transfer":
             feats, grid = slide_tensors(self.sizes[sid], self.cohort.feature_dim, self.dtype)
@@ -226,10 +233,11 @@ class Reads(torch.utils.data.Dataset):
         """The loader's read-ahead hint (whole-slide cells only, as training hints only whole-slide reads).
         Hints sent before the clock starts are dropped, so no cell reads ahead on untimed time."""
         sid = self.items[i]
-        if sid is not None and self.deliver in ("slide", "count") and self.go.is_set():
+        if sid not in (None, WARM) and self.deliver in ("slide", "count") and self.go.is_set():
             self.cohort.reader.will_need(sid)
 
 
+WARM = "<warm-up>"  # an item that writes a blank slide into the worker's arena before the clock starts
 CROP = 16  # grid cells a side of the "crop" cells' window (~128 of a benchmark slide's ~1,000 patches)
 
 
@@ -237,7 +245,7 @@ def pack_batch(items: list):
     """--batch: the slides of one message packed as a training batch's are (no-op items dropped)."""
     slides = [s for s in items if not isinstance(s, int)]
     if not slides:
-        return len(items) * 0
+        return 0
     return pack_slides([s.features for s in slides], [s.positions for s in slides], [s.slide_id for s in slides])
 
 
@@ -260,12 +268,22 @@ def _cpu_s() -> float:
 
 def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, sizes: dict[str, int],
                  transport: str = "shm", arena_mb: int = 32, read_ahead: int = 0,
-                 dtype: np.dtype | str = "float32", batch: int = 1) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the main process and its workers, worker start-up included)."""
+                 dtype: np.dtype | str = "float32", batch: int = 1, warm_rows: int = 0) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the main process and its workers, worker start-up included).
+
+    ``warm_rows`` > 0 (with shm workers): before the clock starts, each worker writes blank slides of that many
+    rows into its arena until the ring has gone round once, and the main process reads them, so every page of
+    the ring is mapped on both sides: the state after a training run's first pass through it (its workers
+    persist). A fresh arena's first pass costs about 10x a later one (page faults that zero the memory)."""
     cpu0 = _cpu_s()
     ctx = mp.get_context("fork")  # the platform default on Linux, stated so the gating event is shared
     go = ctx.Event()
-    ds = Reads(cohort, ids, workers, go, deliver, sizes, dtype, batch)
+    warm = 0
+    if warm_rows and workers and transport == "shm":
+        per_slide = warm_rows * (cohort.feature_dim * np.dtype(dtype).itemsize + 32)
+        per_message = batch * per_slide + (batch * warm_rows * (cohort.feature_dim * 4 + 16) if batch > 1 else 0)
+        warm = -(-(arena_mb << 20) // per_message) + 1  # messages per worker: round the ring once
+    ds = Reads(cohort, ids, workers, go, deliver, sizes, dtype, batch, warm * workers, warm_rows)
     sampler = ReadAheadSampler(list(range(len(ds))), ds.will_need, read_ahead)
     loader = ShmDataLoader(ds, batch_size=None if batch == 1 else batch, sampler=sampler, num_workers=workers,
                            collate_fn=None if batch == 1 else pack_batch,
@@ -276,6 +294,10 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
     it = iter(loader)
     for _ in range(workers):
         next(it)
+    for _ in range(warm * workers):
+        s = next(it)
+        touch(s.tokens if batch > 1 else s.features)
+        del s
     t0 = time.perf_counter()
     go.set()
     rows = 0
@@ -306,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arena-mb", type=int, default=32,
                     help="MiB per worker arena (data.arena_mb): enough for the prefetched slides, so the ring's pages "
                          "are touched once per cell, as once per run in training")
+    ap.add_argument("--fresh-arena", action="store_true",
+                    help="time the workers' first pass through their fresh arenas too (default: the ring's pages are "
+                         "touched before the clock starts, as they are after a run's first pass)")
     ap.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead,
                     help="slides announced to the reader before they are read (training's data.read_ahead); 0: off")
     ap.add_argument("--repeats", type=int, default=5, help="runs per cell; the median and the best are reported")
@@ -383,8 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     batch_arena_mb = max(args.arena_mb, -(-6 * args.batch * int(args.patches * 1.5) * (args.dim * 4 + 32) // 2**20))
     runs: dict[str, list[float]] = {}
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
-    fixed_cpu = {nw: statistics.median(timed_loader(via_store, [], nw, "slide", sizes, args.transport, args.arena_mb)[1] for _ in range(3))
-                 for nw in workers}
+    warm_rows = 0 if args.fresh_arena else int(args.patches * 1.5)  # the largest slide
+
+    def fixed(nw: int, batch: int) -> float:
+        arena = args.arena_mb if batch == 1 else batch_arena_mb
+        return statistics.median(timed_loader(via_store, [], nw, "slide", sizes, args.transport, arena, 0, dtype,
+                                              batch, warm_rows)[1] for _ in range(3))
+
+    fixed_cpu = {(nw, b): fixed(nw, b) for nw in workers for b in sorted({c[3] for c in cells})}
     for nw in workers:
         for _ in range(args.repeats):
             # formats alternate within each repeat, so a change in the machine's load hits both alike
@@ -398,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                            + ("" if batch == 1 else f"_b{batch}"))
                     wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport,
                                              args.arena_mb if batch == 1 else batch_arena_mb, args.read_ahead,
-                                             dtype, batch)
-                    runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw]))
+                                             dtype, batch, warm_rows)
+                    runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw, batch]))
     results: dict[str, dict] = {}
     for key, pairs in runs.items():
         times = [w for w, _ in pairs]
@@ -442,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                    "random_slide_O_DIRECT_MB_per_s": random_mb_s},
         "build_s": round(build_s, 1),
         "pack_s": round(pack_s, 1),
-        "fixed_cpu_s": {f"nw{nw}": round(c, 3) for nw, c in fixed_cpu.items()},
+        "fixed_cpu_s": {f"nw{nw}" + ("" if b == 1 else f"_b{b}"): round(c, 3) for (nw, b), c in fixed_cpu.items()},
+        "arena": "fresh in each cell" if args.fresh_arena else "pages touched before the clock starts",
         "results": results,
         "speedup": speedup,  # medians
         "speedup_best": speedup_best,  # best runs
