@@ -4,6 +4,8 @@
     python benchmarks/io.py --h5-layout rowchunk # HDF5 as TRIDENT's save_h5 writes it: (1, D) chunks, maxshape (None, D)
     python benchmarks/io.py --h5-layout chunk32  # as CLAM's extract_features_fp writes it: (32, D) chunks
     python benchmarks/io.py --slides 200 --reads 100 --workers 0
+    python benchmarks/io.py --h5-layout chunk32 --slides 200 --patches 10000 --dim 1024 --reads 100 --arena-mb 256 \
+        --out benchmarks/results/io-tcga-chunk32.json   # TCGA-sized slides (20 MB each), training's arena size
 
 The cohort is written once with h5py (reused from --dir on later runs; contiguous `features` and
 `coords` datasets by default; row-chunked as TRIDENT's save_h5 writes them; or in 32-row chunks as CLAM's
@@ -25,6 +27,10 @@ rows, the worst case for both formats). With workers, two more cells split the c
 each slide in the worker but returns only its patch count (the read without the transfer), and
 `none_warm_nw2_transfer` reads nothing and returns tensors of each slide's shapes (the transfer alone:
 the floor for any format; ``slide_tensors`` allocates them as a reader does, in the worker's arena with shm).
+Before the clock starts, each worker writes blank slides into its arena until the ring has gone round once, and
+the main process reads them: every page of the ring is then mapped on both sides, as after a training run's first
+pass (its workers persist). A fresh arena's first pass costs about ten times a later one (page faults that zero
+the memory: 15 ms against 1.4 ms to read a 20 MB slide into it); `--fresh-arena` times it too.
 With --batch B > 1, each loader message carries B slides packed as training packs them
 (`slidefm.data.batch.pack_slides`: float32 tokens cast from the stored dtype, in the worker's arena): the cells
 named `_b{B}` are what a training batch of B slides costs to read and deliver; the main process touches the
