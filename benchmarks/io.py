@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="0,2", help="DataLoader num_workers values, comma-separated")
     ap.add_argument("--batch", type=int, default=1,
                     help="also time whole-slide reads B slides per message, packed as training packs a batch "
-                         "(cells named _bB; 16 is the house recipe's batch); 1: none. Their arena is fresh in each "
-                         "cell, as in a run's first pass through it")
+                         "(cells named _bB; 16 is the house recipe's batch); 1: none")
     ap.add_argument("--transport", default="shm", choices=["shm", "torch"],
                     help="how workers send slides (data.transport): training's default shm arenas, or torch's path")
     ap.add_argument("--arena-mb", type=int, default=32,
@@ -410,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         cells += [("hdf5", via_h5, "count", 1), ("store", via_store, "count", 1), ("none", via_store, "transfer", 1)]
     dtype = feature_dtype(np.dtype(args.dtype))
     # a batch cell's arena holds what the loader keeps in flight (prefetch_factor 4, one being packed), as
-    # training's data.arena_mb does: its pages are touched once per cell here, once per run in training
+    # training's data.arena_mb does
     batch_arena_mb = max(args.arena_mb, -(-6 * args.batch * int(args.patches * 1.5) * (args.dim * 4 + 32) // 2**20))
     runs: dict[str, list[float]] = {}
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
