@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default="shm", choices=["shm", "torch"],
                     help="how workers send slides (data.transport): training's default shm arenas, or torch's path")
     ap.add_argument("--arena-mb", type=int, default=32,
-                    help="MiB per worker arena (data.arena_mb): enough for the prefetched slides, so the ring's pages "
-                         "are touched once per cell, as once per run in training")
+                    help="MiB per worker arena (data.arena_mb) of the per-slide cells: enough for the prefetched "
+                         "slides (batch cells get room for their batches)")
     ap.add_argument("--fresh-arena", action="store_true",
                     help="time the workers' first pass through their fresh arenas too (default: the ring's pages are "
                          "touched before the clock starts, as they are after a run's first pass)")
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/io.json (io-LAYOUT.json for "
                     "the other --h5-layout values)")
     args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
     if argv is None:
         reexec_with_allocator()  # the malloc `slidefm train` runs on (the workers fork from this process)
     if args.out is None:
@@ -411,14 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     # a batch cell's arena holds what the loader keeps in flight (prefetch_factor 4, one being packed), as
     # training's data.arena_mb does
     batch_arena_mb = max(args.arena_mb, -(-6 * args.batch * int(args.patches * 1.5) * (args.dim * 4 + 32) // 2**20))
+
+    def arena_mb(batch: int) -> int:
+        return args.arena_mb if batch == 1 else batch_arena_mb
+
     runs: dict[str, list[float]] = {}
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
     warm_rows = 0 if args.fresh_arena else int(args.patches * 1.5)  # the largest slide
 
     def fixed(nw: int, batch: int) -> float:
-        arena = args.arena_mb if batch == 1 else batch_arena_mb
-        return statistics.median(timed_loader(via_store, [], nw, "slide", sizes, args.transport, arena, 0, dtype,
-                                              batch, warm_rows)[1] for _ in range(3))
+        return statistics.median(timed_loader(via_store, [], nw, "slide", sizes, args.transport, arena_mb(batch), 0,
+                                              dtype, batch, warm_rows)[1] for _ in range(3))
 
     fixed_cpu = {(nw, b): fixed(nw, b) for nw in workers for b in sorted({c[3] for c in cells})}
     for nw in workers:
@@ -432,9 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                         evict(files)
                     key = (f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
                            + ("" if batch == 1 else f"_b{batch}"))
-                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport,
-                                             args.arena_mb if batch == 1 else batch_arena_mb, args.read_ahead,
-                                             dtype, batch, warm_rows)
+                    wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport, arena_mb(batch),
+                                             args.read_ahead, dtype, batch, warm_rows)
                     runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw, batch]))
     results: dict[str, dict] = {}
     for key, pairs in runs.items():

@@ -14,7 +14,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["empty", "install"]
+import numpy as np
+
+__all__ = ["empty", "install", "torch_dtype"]
 
 _allocator: Callable[[int], torch.Tensor | None] | None = None
 
@@ -26,6 +28,17 @@ def empty(nbytes: int) -> torch.Tensor:
         if t is not None:  # None: the installed allocator has no room now
             return t
     return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def torch_dtype(dt: np.dtype) -> torch.dtype:
+    """The torch dtype of a numpy dtype, for typed views of a buffer."""
+    got = _TORCH_DTYPES.get(dt)
+    if got is None:
+        got = _TORCH_DTYPES[dt] = torch.from_numpy(np.empty(0, dt)).dtype
+    return got
+
+
+_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
 
 
 def install(allocator: Callable[[int], torch.Tensor | None] | None) -> None:

@@ -119,14 +119,14 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
 
         done = sum(len(chunks[i]) for i in range(len(chunks)) if i not in todo)
         pbar = tqdm(total=len(slide_ids), initial=done, desc="export", unit="slide")
+    # On an accelerator float16 slides cross as float16 and are cast there; on the CPU, while packing.
+    pack_dtype = None if _accelerated(encoder) else torch.float32
     for ci in todo:
         loader = slide_loader(cohort, chunks[ci], cfg)
         embs, toks = [], []
         for batch in _budget_batches_stream(loader, cfg.batch_tokens):
-            # On an accelerator float16 slides cross as float16 and are cast there; on the CPU, while packing.
             packed = pack_slides([b[1] for b in batch], [b[2] for b in batch], [b[0] for b in batch],
-                                 has_positions=all(b[3] for b in batch),
-                                 dtype=None if _accelerated(encoder) else torch.float32)
+                                 has_positions=all(b[3] for b in batch), dtype=pack_dtype)
             n_batch = len(batch)
             del batch  # copied into `packed`: the slides' arena space is free for the reads ahead
             slide, tokens = encoder.encode_packed(packed, want_tokens)

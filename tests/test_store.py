@@ -152,8 +152,16 @@ def test_slide_is_one_storage_and_equal(tmp_path, monkeypatch, advise):
         monkeypatch.setattr(store_mod, "ADVISE_BYTES", advise)
     via_h5, via_store = _bag_cohort(tmp_path)
     assert via_store.store is not None
+    advised = []  # (fd, nbytes) of every WILLNEED the store's reads send
+    real = store_mod.os.posix_fadvise
+    monkeypatch.setattr(store_mod.os, "posix_fadvise", lambda fd, pos, n, how: (advised.append((fd, n)),
+                                                                                real(fd, pos, n, how))[1])
     for sid in via_h5.slide_ids:
+        advised.clear()
         a, b = via_h5.read_slide(sid), via_store.read_slide(sid)
+        # the features' whole range is requested before a read of ADVISE_BYTES or more (these slides: < 3 KB)
+        feature_advice = [n for fd, n in advised if fd != via_store.reader._open()[1][0]]
+        assert feature_advice == ([b.features.nbytes] if advise is not None else [])
         assert_same(a, b)
         assert a.has_positions == b.has_positions == (sid != "S003")
         for s in (a, b):

@@ -52,12 +52,9 @@ def slide_tensors(n: int, dim: int, dtype: np.dtype | str = "float32") -> tuple[
     benchmarks/io.py). The grid comes first so both views are aligned for their dtypes. In a worker of
     slidefm's shared-memory transport the storage is the worker's arena (:mod:`slidefm.buffers`).
     """
-    dt = _TORCH_FEATURES[np.dtype(dtype)]
+    dt = buffers.torch_dtype(np.dtype(dtype))
     buf = buffers.empty(n * 32 + n * dim * dt.itemsize)
     return buf[n * 32:].view(dt).view(n, dim), buf[:n * 32].view(torch.int64).view(2, n, 2)
-
-
-_TORCH_FEATURES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 def feature_dtype(stored: np.dtype) -> np.dtype:

@@ -85,7 +85,7 @@ def pack_slides(
     offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
     if lens:
         offsets[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.long), 0)
-        feats = [_floating(torch.as_tensor(f)) for f in features]
+        feats = [torch.as_tensor(f) for f in features]
         if dtype is None:
             dtype = torch.float16 if all(f.dtype == torch.float16 for f in feats) else torch.float32
         tokens, pos = _cat_tokens(feats, [torch.as_tensor(p, dtype=torch.long) for p in positions], dtype)
@@ -96,11 +96,6 @@ def pack_slides(
         mask = torch.cat([torch.as_tensor(m, dtype=torch.bool) for m in token_masks])
     return PackedSlides(tokens, pos, offsets, mask, list(slide_ids or [str(i) for i in range(len(lens))]),
                         has_positions)
-
-
-def _floating(f: Tensor) -> Tensor:
-    """Float16 and float32 as they are (the concatenation casts); anything else as float32 now."""
-    return f if f.dtype in (torch.float16, torch.float32) else f.to(torch.float32)
 
 
 def _cat_tokens(feats: list[Tensor], pos: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -115,7 +110,7 @@ def _cat_tokens(feats: list[Tensor], pos: list[Tensor], dtype: torch.dtype) -> t
     n, dim = sum(len(f) for f in feats), feats[0].shape[1]
     buf = buffers.empty(n * 16 + n * dim * dtype.itemsize)  # positions first: both views aligned for their dtypes
     out_pos, tokens = buf[: n * 16].view(torch.long).view(n, 2), buf[n * 16:].view(dtype).view(n, dim)
-    torch.cat(feats, out=tokens)  # float16 slides are cast on the way in: one pass, no float32 copy of each
+    torch.cat(feats, out=tokens)  # other dtypes are cast on the way in: one pass, no converted copy of each
     torch.cat(pos, out=out_pos)
     return tokens, out_pos
 

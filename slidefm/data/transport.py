@@ -268,7 +268,7 @@ class ShmDataLoader(DataLoader):
             a = ref.offset - ref.start
             part = whole[a: a + int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize]
             if ref.torch:
-                return part.view(_torch_dtype(dt)).view(ref.shape)
+                return part.view(buffers.torch_dtype(dt)).view(ref.shape)
             return part.numpy().view(dt).reshape(ref.shape).copy()  # a numpy view would outlive ``src``
 
         out = _walk(batch, rebuild)
@@ -278,12 +278,3 @@ class ShmDataLoader(DataLoader):
             self._arenas[worker].hand_out(end)
         return out
 
-
-_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
-
-
-def _torch_dtype(dt: np.dtype) -> torch.dtype:
-    got = _TORCH_DTYPES.get(dt)
-    if got is None:
-        got = _TORCH_DTYPES[dt] = torch.from_numpy(np.empty(0, dt)).dtype
-    return got
