@@ -90,6 +90,12 @@ def _release_when_requeued(job_id: str, launcher: subprocess.Popen) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
+def _job_dirs(paths):
+    """submitit's per-job folders (named by the SLURM job id), without the uuid-named pickles it writes beside them
+    while submitting (a uuid may start with a digit: one was once taken for a job id)."""
+    return (p for p in paths if p.name.isdigit() and p.is_dir())
+
+
 def _diagnostics(sweep_root: Path, launcher_log: Path) -> str:
     parts = [f"--- launcher ---\n{launcher_log.read_text()[-4000:] if launcher_log.exists() else ''}"]
     for p in sorted(sweep_root.rglob("*_log.*"))[-4:] + sorted(sweep_root.rglob("events.jsonl")):
@@ -110,7 +116,8 @@ def test_multirun_requeue_resumes_to_exact_step(slurm_cluster, tmp_path):
     with open(launcher_log, "w") as log:
         launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        submitit_dir = _wait("submission", lambda: next(sweep_root.glob("*/.submitit/[0-9]*"), None), 60, launcher)
+        submitit_dir = _wait("submission", lambda: next(_job_dirs(sweep_root.glob("*/.submitit/*")), None), 60,
+                             launcher)
         job_id = submitit_dir.name
         run_dir = submitit_dir.parent.parent / "0"
 
@@ -193,7 +200,7 @@ def test_slidefm_train_multirun_on_slurm(slurm_cluster, tmp_path):
     try:
         out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=420)
     finally:
-        for job in sweep.glob(".submitit/[0-9]*"):
+        for job in _job_dirs(sweep.glob(".submitit/*")):
             subprocess.run(["scancel", job.name], capture_output=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     script = next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
