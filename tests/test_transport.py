@@ -119,6 +119,39 @@ def test_unbatched_items_and_dataclasses():
     assert all(same(a, b) for a, b in zip(want, got))
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """Frozen, validated in ``__post_init__``, with a tensor in a field ``__init__`` does not take."""
+
+    sid: str
+    features: torch.Tensor
+    derived: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.features, torch.Tensor):
+            raise TypeError("features must be a tensor")  # would fail on a record rebuilt through __init__
+        object.__setattr__(self, "derived", self.features * 2)
+
+
+class CheckedItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return Checked(f"s{i}", torch.full((500, 64), float(i)))
+
+
+def test_dataclasses_cross_as_they_are():
+    """A dataclass crosses as the same object with its arrays moved: ``__init__``/``__post_init__`` are not run
+    again (a frozen, validating one works), and fields ``__init__`` does not take come through the arena too."""
+    got = list(ShmDataLoader(CheckedItems(), batch_size=None, num_workers=2, arena_mb=4))
+    assert len(got) == 6
+    for i, c in enumerate(got):
+        assert type(c) is Checked and c.sid == f"s{i}"
+        assert torch.equal(c.features, torch.full((500, 64), float(i)))
+        assert torch.equal(c.derived, torch.full((500, 64), 2.0 * i))
+
+
 def test_small_arena_falls_back_per_batch():
     """Batches larger than the arena, or arriving while it is full, go torch's way: same batches."""
     ds = Slides(n=24, big=6000)  # up to ~1.5 MB of features per item

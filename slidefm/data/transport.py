@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import mmap
 import multiprocessing as mp
 import threading
 import weakref
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -46,10 +46,10 @@ _NO_NUMPY = {torch.bfloat16, *(getattr(torch, n) for n in ("float8_e4m3fn", "flo
                                                            "uint64") if hasattr(torch, n))}  # go torch's way
 
 
-@dataclass(frozen=True)
-class ArenaRef:
+class ArenaRef(NamedTuple):
     """Where one array of a batch lies in a worker's arena, and the allocation it lies in (arrays born in the
-    arena may share one, as a slide's features and grid do)."""
+    arena may share one, as a slide's features and grid do). A named tuple: made, pickled and read for every
+    array of every item, it costs a fraction of a dataclass's microseconds."""
 
     worker: int
     offset: int  # from the start of the arena's data area
@@ -73,6 +73,7 @@ class _Arena:
         self.buf = mmap.mmap(-1, _HEADER + size, flags=mmap.MAP_SHARED)
         self.tail = np.ndarray((1,), np.int64, self.buf, 0)  # written by the main process only
         self.data = np.ndarray((size,), np.uint8, self.buf, _HEADER)
+        self.view = memoryview(self.buf)[_HEADER:]  # main side: each handed-out allocation is an array over a slice
         # The data area's address, read once (numpy's ``.ctypes`` costs microseconds a call); forked workers
         # inherit the mapping at the same address.
         self.base = _address(self.data)
@@ -148,27 +149,52 @@ class ShmCollate:
     def _put(self, worker: int, arena: _Arena, a):
         if isinstance(a, ArenaRef):
             return a
-        is_torch = isinstance(a, torch.Tensor)
-        if is_torch and (a.requires_grad or a.device.type != "cpu" or a.is_sparse or a.dtype in _NO_NUMPY):
-            return a
-        arr = a.numpy() if is_torch else a
-        if arr.dtype.hasobject:
-            return a
-        ptr = a.data_ptr() if is_torch else _address(arr)
-        if arr.flags.c_contiguous and (b := arena.born_in(ptr, arr.nbytes)) is not None:
+        if isinstance(a, torch.Tensor):
+            # tensor attributes only: .numpy() alone costs microseconds, and this runs for every array of every item
+            if a.requires_grad or not a.is_cpu or a.layout != torch.strided or a.dtype in _NO_NUMPY:
+                return a
+            ptr, nbytes, contiguous = a.data_ptr(), a.nbytes, a.is_contiguous()
+            dtype, is_torch = _numpy_str(a.dtype), True
+        else:
+            if a.dtype.hasobject:
+                return a
+            ptr, nbytes, contiguous, dtype, is_torch = _address(a), a.nbytes, a.flags.c_contiguous, a.dtype.str, False
+        if contiguous and (b := arena.born_in(ptr, nbytes)) is not None:
             # born in the arena (slidefm.buffers): send where it lies, copy nothing
-            return ArenaRef(worker, ptr - arena.base, tuple(arr.shape), arr.dtype.str, is_torch, b[2], b[0], b[1])
+            return ArenaRef(worker, ptr - arena.base, tuple(a.shape), dtype, is_torch, b[2], b[0], b[1])
         # Every tensor goes in (torch's path costs a segment per tensor, and shares the whole storage of
         # a small view); small numpy arrays are cheaper to pickle.
-        if not is_torch and arr.nbytes < self.min_bytes:
+        if not is_torch and nbytes < self.min_bytes:
             return a
-        got = arena.alloc(arr.nbytes)
+        got = arena.alloc(nbytes)
         if got is None:
             return a  # does not fit: torch's own path
         offset, end = got
-        dst = arena.data[offset: offset + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+        arr = a.numpy() if is_torch else a
+        dst = arena.data[offset: offset + nbytes].view(arr.dtype).reshape(arr.shape)
         np.copyto(dst, arr, casting="no")
-        return ArenaRef(worker, offset, tuple(arr.shape), arr.dtype.str, is_torch, end, offset, arr.nbytes)
+        return ArenaRef(worker, offset, tuple(arr.shape), dtype, is_torch, end, offset, nbytes)
+
+
+def _numpy_str(dtype: torch.dtype) -> str:
+    """The numpy dtype string of a torch dtype that numpy has (cached: a dict lookup per array)."""
+    got = _NUMPY_STR.get(dtype)
+    if got is None:
+        got = _NUMPY_STR[dtype] = torch.empty(0, dtype=dtype).numpy().dtype.str
+    return got
+
+
+_NUMPY_STR: dict[torch.dtype, str] = {}
+
+
+def _dtype(name: str) -> np.dtype:
+    got = _DTYPES.get(name)
+    if got is None:
+        got = _DTYPES[name] = np.dtype(name)
+    return got
+
+
+_DTYPES: dict[str, np.dtype] = {}
 
 
 def _address(arr: np.ndarray) -> int:
@@ -176,16 +202,48 @@ def _address(arr: np.ndarray) -> int:
     return arr.__array_interface__["data"][0]
 
 
+_LEAVES = frozenset({str, int, float, bool, bytes, type(None)})
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def _dataclass_fields(cls: type) -> tuple[str, ...] | None:
+    """Names of a dataclass type's fields (init or not), None for other types; cached per type."""
+    try:
+        return _FIELDS[cls]
+    except KeyError:
+        names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+        _FIELDS[cls] = names
+        return names
+
+
 def _walk(obj, fn):
-    """``obj`` with every tensor / numeric ndarray replaced by ``fn(it)`` (dataclasses, dicts, lists, tuples)."""
+    """``obj`` with every tensor / numeric ndarray replaced by ``fn(it)`` (dataclasses, dicts, lists, tuples).
+
+    A dataclass is copied with only the changed fields set, without running ``__init__``/``__post_init__``
+    (it is the same object with its arrays moved, and a field may hold an :class:`ArenaRef` on the way); one
+    with nothing to change is returned as is."""
+    cls = type(obj)
+    if cls in _LEAVES:
+        return obj
     if isinstance(obj, (torch.Tensor, ArenaRef)) or (isinstance(obj, np.ndarray) and obj.dtype != object):
         return fn(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _walk(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
+    names = _dataclass_fields(cls)
+    if names is not None:
+        changes = {}
+        for name in names:
+            v = getattr(obj, name)
+            w = _walk(v, fn)
+            if w is not v:
+                changes[name] = w
+        if not changes:
+            return obj
+        new = copy.copy(obj)
+        for name, w in changes.items():
+            object.__setattr__(new, name, w)  # frozen dataclasses too
+        return new
     if isinstance(obj, dict):
         new = {k: _walk(v, fn) for k, v in obj.items()}
-        if type(obj) is dict:
+        if cls is dict:
             return new
         out = copy.copy(obj)  # OrderedDict, defaultdict, ...: same type and settings
         out.update(new)
@@ -194,7 +252,7 @@ def _walk(obj, fn):
         return [_walk(v, fn) for v in obj]
     if isinstance(obj, tuple):
         items = [_walk(v, fn) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+        return cls(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
 
 
@@ -251,25 +309,24 @@ class ShmDataLoader(DataLoader):
         their storage is freed; numpy arrays are copies, released at once. (Torch's pin-memory thread, when
         on, sees what it saw before: it pins tensors in dicts/lists/tuples, not ``ArenaRef`` records, and
         slidefm's batches are dataclasses, which it never pinned.)"""
-        allocs: dict[tuple[int, int], torch.Tensor] = {}  # (worker, end) -> the allocation's bytes
+        allocs: dict[tuple[int, int], np.ndarray] = {}  # (worker, end) -> the allocation's bytes
 
         def rebuild(ref):
             if not isinstance(ref, ArenaRef):
                 return ref
-            whole = allocs.get((ref.worker, ref.end))
-            if whole is None:
+            src = allocs.get((ref.worker, ref.end))
+            if src is None:
                 arena = self._arenas[ref.worker]
-                src = arena.data[ref.start: ref.start + ref.nbytes]
-                # torch's storage holds ``src`` (the object passed) for as long as any view of ``whole`` lives,
-                # so ``src`` dying is the moment nothing reads this allocation any more.
-                whole = allocs[ref.worker, ref.end] = torch.from_numpy(src)
+                # An array over its own memoryview slice: numpy views of it keep it (their base stops at an
+                # array whose base is not an array), and so do the tensors made from them; ``src`` dying is the
+                # moment nothing reads this allocation any more.
+                src = allocs[ref.worker, ref.end] = np.frombuffer(arena.view[ref.start: ref.start + ref.nbytes],
+                                                                  np.uint8)
                 weakref.finalize(src, arena.release, ref.end)
-            dt = np.dtype(ref.dtype)
+            dt = _dtype(ref.dtype)
             a = ref.offset - ref.start
-            part = whole[a: a + int(np.prod(ref.shape, dtype=np.int64)) * dt.itemsize]
-            if ref.torch:
-                return part.view(buffers.torch_dtype(dt)).view(ref.shape)
-            return part.numpy().view(dt).reshape(ref.shape).copy()  # a numpy view would outlive ``src``
+            arr = src[a: a + math.prod(ref.shape) * dt.itemsize].view(dt).reshape(ref.shape)
+            return torch.from_numpy(arr) if ref.torch else arr.copy()  # a numpy view would outlive the release
 
         out = _walk(batch, rebuild)
         # Released in allocation order per worker (the ring's tail only moves over a released prefix); an
