@@ -50,7 +50,10 @@ re-evicted each time); the median and the best run are reported, with the CPU ti
 (main process plus workers, less the workers' start-up), which other jobs on a shared machine disturb
 less than wall time. `device` records the sequential read bandwidth of the largest shard with O_DIRECT
 and buffered from a cold cache (4 MiB requests), and of mean-slide-sized reads at random offsets with O_DIRECT
-from 1, 2 and 4 threads, for judging whether cold reads are bound by the disk.
+from 1, 2 and 4 threads, for judging whether cold reads are bound by the disk. Each cold cell also records what
+the device holding the files did while its clock ran (`device_during_cell`, from /proc/diskstats: MB/s and the share
+of the time a request was in flight, `busy_share`; near 1, the reads wait on the disk), and `cold_vs_disk` sets the
+device bytes per second the store would need for 5x HDF5 in each cold cell beside the most any cold run got.
 Prints JSON and writes benchmarks/results/io.json (io-rowchunk.json, io-chunk32.json for those layouts).
 """
 
@@ -144,6 +147,44 @@ def resident_share(paths: list[Path]) -> float:
         resident += sum(v & 1 for v in vec)
         total += pages
     return resident / max(total, 1)
+
+
+def block_device(path: Path) -> str | None:
+    """The /proc/diskstats name of the block device holding ``path`` (the partition, if on one), or None (not
+    Linux, or a file system without one, such as tmpfs or overlay on some hosts)."""
+    dev = os.stat(path).st_dev
+    try:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) >= 14 and os.makedev(int(f[0]), int(f[1])) == dev:
+                return f[2]
+    except OSError:
+        pass
+    return None
+
+
+def disk_counters(name: str | None) -> tuple[int, int, int] | None:
+    """(sectors read, ms the device was busy, reads completed) of one /proc/diskstats device, or None."""
+    if name is None:
+        return None
+    try:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) >= 14 and f[2] == name:
+                return int(f[5]), int(f[12]), int(f[3])
+    except OSError:
+        pass
+    return None
+
+
+def disk_use(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None, secs: float) -> dict | None:
+    """What the device did between two ``disk_counters``: MB read, MB/s and the share of the time it was busy
+    (1.0: a request was in flight all along, i.e. the reads waited on the disk)."""
+    if before is None or after is None or secs <= 0:
+        return None
+    sectors, busy_ms, reads = (b - a for a, b in zip(before, after))
+    return {"MB": round(sectors * 512 / 1e6, 1), "MB_per_s": round(sectors * 512 / 1e6 / secs, 1),
+            "busy_share": round(min(busy_ms / 1e3 / secs, 1.0), 3), "reads": reads}
 
 
 def random_direct_mb_s(path: Path, nbytes: int, block: int, streams: int) -> float:
@@ -274,8 +315,12 @@ def _cpu_s() -> float:
 
 def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, sizes: dict[str, int],
                  transport: str = "shm", arena_mb: int = 32, read_ahead: int = 0,
-                 dtype: np.dtype | str = "float32", batch: int = 1, warm_rows: int = 0) -> tuple[float, float]:
+                 dtype: np.dtype | str = "float32", batch: int = 1, warm_rows: int = 0,
+                 disk: str | None = None, stats: dict | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the main process and its workers, worker start-up included).
+
+    ``disk`` (a /proc/diskstats device name) and ``stats``: what that device did while the clock ran
+    (:func:`disk_use`) goes to ``stats["disk"]``.
 
     ``warm_rows`` > 0 (with shm workers): before the clock starts, each worker writes blank slides of that many
     rows into its arena until the ring has gone round once, and the main process reads them, so every page of
@@ -304,6 +349,7 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
         s = next(it)
         touch(s.tokens if batch > 1 else s.features)
         del s
+    d0 = disk_counters(disk)
     t0 = time.perf_counter()
     go.set()
     rows = 0
@@ -312,6 +358,8 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
             touch(s.tokens if batch > 1 else s.features)  # the consumer reads what it gets (torch's path maps pages lazily)
         rows += s if isinstance(s, int) else len(s.positions)
     secs = time.perf_counter() - t0
+    if stats is not None:
+        stats["disk"] = disk_use(d0, disk_counters(disk), secs)
     assert rows == sum(sizes[s] for s in ids)  # every slide arrived, whole
     del it  # exhausted: its workers are joined, so their CPU time is in RUSAGE_CHILDREN
     return secs, _cpu_s() - cpu0
@@ -417,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     def arena_mb(batch: int) -> int:
         return args.arena_mb if batch == 1 else batch_arena_mb
 
-    runs: dict[str, list[float]] = {}
+    runs: dict[str, list[tuple[float, float]]] = {}
+    disk_runs: dict[str, list[dict]] = {}  # cold cells: what the device did while each ran
+    disk = block_device(store)
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
     warm_rows = 0 if args.fresh_arena else int(args.patches * 1.5)  # the largest slide
 
@@ -437,9 +487,12 @@ def main(argv: list[str] | None = None) -> int:
                         evict(files)
                     key = (f"{name}_{cache}_nw{nw}" + ("" if deliver == "slide" else f"_{deliver}")
                            + ("" if batch == 1 else f"_b{batch}"))
+                    stats: dict = {}
                     wall, cpu = timed_loader(cohort, ids, nw, deliver, sizes, args.transport, arena_mb(batch),
-                                             args.read_ahead, dtype, batch, warm_rows)
+                                             args.read_ahead, dtype, batch, warm_rows, disk, stats)
                     runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw, batch]))
+                    if cache == "cold" and stats.get("disk"):
+                        disk_runs.setdefault(key, []).append(stats["disk"])
     results: dict[str, dict] = {}
     for key, pairs in runs.items():
         times = [w for w, _ in pairs]
@@ -453,10 +506,22 @@ def main(argv: list[str] | None = None) -> int:
                         # main process and workers, less the workers' start-up (fixed_cpu_s)
                         "cpu_ms_per_slide": round(statistics.median(c for _, c in pairs) / len(ids) * 1e3, 3),
                         "runs_s": [round(t, 3) for t in times]}
+        if key in disk_runs:  # the device while the cold cell ran (medians): busy_share near 1 = waiting on the disk
+            results[key]["device_during_cell"] = {
+                k: round(statistics.median(d[k] for d in disk_runs[key]), 3) for k in ("MB_per_s", "busy_share")}
     cell = [key[len("hdf5_"):] for key in results if key.startswith("hdf5_")]
     speedup = {c: round(results["store_" + c]["slides_per_s"] / results["hdf5_" + c]["slides_per_s"], 2) for c in cell}
     speedup_best = {c: round(results["store_" + c]["best_slides_per_s"] / results["hdf5_" + c]["best_slides_per_s"], 2)
                     for c in cell}
+    # Whether 5x HDF5 is within the disk's reach in each cold cell: the device bytes per second the store would
+    # need, against the most the device gave any cold cell of this run (either format) and the O_DIRECT probes.
+    store_bytes_per_slide = read_bytes["store"] / max(len(ids), 1)
+    seen = [d["MB_per_s"] for ds in disk_runs.values() for d in ds]
+    cold_reach = {c: {"store_MB_per_s": results["store_" + c].get("device_during_cell", {}).get("MB_per_s"),
+                      "store_busy_share": results["store_" + c].get("device_during_cell", {}).get("busy_share"),
+                      "five_x_hdf5_needs_MB_per_s": round(5 * results["hdf5_" + c]["slides_per_s"]
+                                                          * store_bytes_per_slide / 1e6, 1)}
+                  for c in cell if c.startswith("cold")}
     out = {
         "benchmark": "random-access slide reads through a DataLoader, packed store vs per-slide HDF5",
         "cohort": {"slides": args.slides, "mean_patches": args.patches, "dim": args.dim, "dtype": args.dtype,
@@ -487,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "speedup": speedup,  # medians
         "speedup_best": speedup_best,  # best runs
+        "cold_vs_disk": {"device": disk, "most_MB_per_s_in_a_cold_run": max(seen) if seen else None,
+                         "cells": cold_reach} if disk else None,
         "machine": {"cpus": os.cpu_count(), "allocator": active(), "python": platform.python_version(), "h5py": h5py.__version__,
                     "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
