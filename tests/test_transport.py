@@ -345,3 +345,22 @@ def test_rebuilt_loader_does_not_wrap_twice():
     first = ShmDataLoader(Slides(), num_workers=2, worker_init_fn=init, collate_fn=collate)
     again = ShmDataLoader(Slides(), num_workers=2, worker_init_fn=first.worker_init_fn, collate_fn=first.collate_fn)
     assert again.worker_init_fn.init is init and again.collate_fn.collate is collate
+
+
+class OddShapes(torch.utils.data.Dataset):
+    """Empty, 0-d, non-contiguous and bool arrays, torch and numpy, beside one large enough for the arena."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        big = torch.arange(200_000, dtype=torch.float32).view(400, 500) + i
+        return {"empty": torch.empty(0, 64), "empty_np": np.zeros((0, 3), np.int64), "scalar": torch.tensor(float(i)),
+                "strided": big.t()[::3], "mask": torch.arange(70_000) % 3 == i % 3, "big": big,
+                "np_big": np.full((300, 300), i, np.float64)}
+
+
+def test_odd_shapes_cross_unchanged():
+    want = list(ShmDataLoader(OddShapes(), batch_size=None, num_workers=0))  # numpy arrays become tensors there too
+    got = list(ShmDataLoader(OddShapes(), batch_size=None, num_workers=2, arena_mb=8))
+    assert len(got) == 4 and all(same(a, b) for a, b in zip(want, got))
