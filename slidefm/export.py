@@ -9,6 +9,7 @@ its own), and the final ``.h5ad`` is written under a temporary name and renamed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -73,7 +74,8 @@ def slide_loader(cohort, slide_ids: list[str], cfg: ExportConfig) -> ShmDataLoad
     ds = _SlideReads(cohort, slide_ids)
     sampler = ReadAheadSampler(list(range(len(ds))), ds.will_need, cfg.read_ahead)
     dim = getattr(cohort, "feature_dim", None)
-    row_bytes = (int(dim) * 4 + 32) if isinstance(dim, int) else 0  # features (float32 at most) + grid, per patch
+    itemsize = np.dtype(getattr(cohort, "feature_dtype", np.float32)).itemsize  # float16 slides: half the room
+    row_bytes = (int(dim) * itemsize + 32) if isinstance(dim, int) else 0  # features as handed out + grid, per patch
     # No larger than that: the ring's pages stay mapped once touched, so the arena is part of export's peak RSS.
     arena_mb = max(64, -(-2 * cfg.batch_tokens * row_bytes // 2**20))
     return ShmDataLoader(ds, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
@@ -121,10 +123,13 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
         pbar = tqdm(total=len(slide_ids), initial=done, desc="export", unit="slide")
     # On an accelerator float16 slides cross as float16 and are cast there; on the CPU, while packing.
     pack_dtype = None if _accelerated(encoder) else torch.float32
+    # One loader for every chunk left: its workers, arenas and read-ahead run on across chunk boundaries (a loader
+    # per chunk started its workers again and faulted in fresh arenas every chunk_slides slides).
+    todo_ids = [sid for ci in todo for sid in chunks[ci]]
+    stream = iter(slide_loader(cohort, todo_ids, cfg)) if todo_ids else iter(())
     for ci in todo:
-        loader = slide_loader(cohort, chunks[ci], cfg)
         embs, toks = [], []
-        for batch in _budget_batches_stream(loader, cfg.batch_tokens):
+        for batch in _budget_batches_stream(itertools.islice(stream, len(chunks[ci])), cfg.batch_tokens):
             packed = pack_slides([b[1] for b in batch], [b[2] for b in batch], [b[0] for b in batch],
                                  has_positions=all(b[3] for b in batch), dtype=pack_dtype)
             n_batch = len(batch)
@@ -143,6 +148,7 @@ def encode_slides_chunked(encoder, cohort, slide_ids: list[str], cfg: ExportConf
                 with open(tmp, "wb") as f:
                     np.savez(f, emb=emb, **{f"tok{j}": t for j, t in enumerate(toks)})
         results[ci] = (emb, toks if partial_dir is None else [])  # resumable: the npz files hold the tokens
+    del stream  # exhausted: its workers are joined
     if pbar is not None:
         pbar.close()
     all_emb = []

@@ -28,7 +28,7 @@ def _h5(root, sid):
 def test_read_slide_variants(tmp_path, dtype, batch_dim, attrs_on):
     root = write_cohort(tmp_path, n_slides=2, dtype=dtype, batch_dim=batch_dim, attrs_on=attrs_on)
     cohort = Cohort.open(root)
-    assert cohort.feature_dim == 16
+    assert cohort.feature_dim == 16 and cohort.feature_dtype == np.dtype(dtype)  # as slides are handed out
     for sid, psl0 in (("S000", 256), ("S001", 512)):
         s = cohort.read_slide(sid)
         feats, coords = _h5(root, sid)

@@ -273,7 +273,8 @@ def test_slide_loader_sends_slides_through_a_sized_arena(trained):
     ids = cohort.slide_ids[:6]
     loader = slide_loader(cohort, ids, ExportConfig(num_workers=1, batch_tokens=2_000_000, progress=False))
     assert isinstance(loader, ShmDataLoader) and loader.transport == "shm"
-    assert loader._arena_bytes >> 20 == -(-2 * 2_000_000 * (cohort.feature_dim * 4 + 32) // 2**20)
+    row = cohort.feature_dim * cohort.feature_dtype.itemsize + 32  # features as handed out, and the grid
+    assert loader._arena_bytes >> 20 == -(-2 * 2_000_000 * row // 2**20)
     assert slide_loader(cohort, ids, ExportConfig(num_workers=1, batch_tokens=100))._arena_bytes == 64 << 20
     got = list(loader)
     assert [g[0] for g in got] == ids

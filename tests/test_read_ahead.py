@@ -191,3 +191,31 @@ def test_export_announces_every_slide_before_reading_it(tmp_path):
     assert [events[i][1] for i in reads] == cohort.slide_ids
     assert all(("hint", events[i][1]) in events[:i] for i in reads)
     assert [e[0] for e in events[:4]] == ["hint"] * 3 + ["read"]  # a chunk's first read waits for 2 more hints
+
+
+def test_export_reads_every_chunk_through_one_loader(tmp_path, monkeypatch):
+    """Chunks are for resuming, not for reading: one loader (its workers, arenas and read-ahead) serves every chunk
+    left, and the embeddings are those of one big chunk."""
+    import slidefm.export as export
+    from slidefm.export import ExportConfig, encode_slides_chunked
+
+    root = write_cohort(tmp_path, n_slides=7)
+    cohort = Cohort.open(root, store=pack_cohort(Cohort.open(root, store=False)))
+
+    class Enc:
+        config, model, dim = {}, None, 16
+
+        def encode_packed(self, packed, want_tokens):
+            o = packed.offsets.tolist()
+            return np.stack([packed.tokens[a:b].mean(0).numpy() for a, b in zip(o, o[1:])]), None
+
+    loaders = []
+    real = export.slide_loader
+    monkeypatch.setattr(export, "slide_loader", lambda *a: loaders.append(a[1]) or real(*a))
+    cfg = dict(progress=False, num_workers=1, batch_tokens=500)
+    chunked, _ = encode_slides_chunked(Enc(), cohort, cohort.slide_ids, ExportConfig(chunk_slides=2, **cfg), None, "f")
+    assert loaders == [cohort.slide_ids]
+    whole, _ = encode_slides_chunked(Enc(), cohort, cohort.slide_ids, ExportConfig(chunk_slides=100, **cfg), None, "f")
+    np.testing.assert_array_equal(chunked, whole)
+    want = np.stack([cohort.read_slide(s).features.float().mean(0).numpy() for s in cohort.slide_ids])
+    np.testing.assert_allclose(chunked, want, rtol=1e-6)

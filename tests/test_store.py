@@ -36,6 +36,7 @@ def test_store_equals_hdf5(tmp_path, capsys, dtype):
     assert len(store.index["shards"]) == 7 and store.dim == via_h5.feature_dim == 16
     shard = np.load(store.path / "features-00000.npy", mmap_mode="r")
     assert shard.dtype == np.dtype(dtype)  # source dtype kept on disk
+    assert via_store.feature_dtype == via_h5.feature_dtype == np.dtype(dtype)
 
 
 def test_shards_split_by_size_and_dtype(tmp_path):
@@ -49,6 +50,7 @@ def test_shards_split_by_size_and_dtype(tmp_path):
                                                                  ("float16", 30), ("float32", 30)]
     c = Cohort.open(root, store=out)
     assert_same(c.read_slide("S005"), Cohort.open(root, store=False).read_slide("S005"))
+    assert c.feature_dtype == np.float32  # the widest shard: what a buffer for any slide must hold
 
 
 def test_stale_store_is_ignored_with_warning(cohort_dir):

@@ -14,7 +14,7 @@ import yaml
 
 from slidefm.cohort import h5
 from slidefm.cohort.layout import Layout, TableSpec, load_layout
-from slidefm.cohort.slides import H5SlideReader, SlideData, SlideReader  # noqa: F401 - SlideData re-exported
+from slidefm.cohort.slides import H5SlideReader, SlideData, SlideReader, feature_dtype  # noqa: F401 - SlideData re-exported
 from slidefm.errors import CohortError, Problem, SlidefmError
 
 # pandas' default NA tokens, applied to every column except identifiers ("NA" can be a patient id).
@@ -245,13 +245,25 @@ class Cohort:
             err = None
             for sid in self.slide_ids:
                 try:
-                    self._cache["feature_dim"] = (h5.read_header(self.slide_path(sid)).dim, [])
+                    header = h5.read_header(self.slide_path(sid))
+                    self._cache["feature_dim"] = (header.dim, [])
+                    self._cache["feature_dtype"] = (feature_dtype(header.dtype), [])
                     break
                 except h5.SlideFileError as e:
                     err = err or f"{self.display(self.slide_path(sid))} [slide {sid}]: {e}"
             else:
                 raise SlidefmError(f"no readable slide file to take the feature width from; first failure: {err}")
         return self._cache["feature_dim"][0]
+
+    @property
+    def feature_dtype(self) -> np.dtype:
+        """The dtype slides are handed out in (:func:`slidefm.cohort.slides.feature_dtype`: float16 kept, else
+        float32): the widest of the packed store's shards, else that of the slide file ``feature_dim`` reads."""
+        if self._store is not None:
+            return max((feature_dtype(np.dtype(s["dtype"])) for s in self._store.index["shards"]),
+                       key=lambda d: d.itemsize, default=np.dtype(np.float32))
+        self.feature_dim  # noqa: B018 - reads the first readable header, caching its width and dtype
+        return self._cache["feature_dtype"][0]
 
     # ---- tables --------------------------------------------------------------------------------
     def _get(self, key: str, loader) -> Any:
