@@ -364,3 +364,32 @@ def test_odd_shapes_cross_unchanged():
     want = list(ShmDataLoader(OddShapes(), batch_size=None, num_workers=0))  # numpy arrays become tensors there too
     got = list(ShmDataLoader(OddShapes(), batch_size=None, num_workers=2, arena_mb=8))
     assert len(got) == 4 and all(same(a, b) for a, b in zip(want, got))
+
+
+def test_training_batches_cross_workers_unchanged(tmp_path):
+    """Training's own batches (a Batch of packed slides, views, modalities and labels: nested dataclasses, dicts and
+    lists) come out of two workers exactly as they come out of the main process."""
+    import dataclasses as dc
+
+    from conftest import write_cohort
+    from slidefm.cohort import Cohort
+    from slidefm.data.config import DataConfig
+    from slidefm.data.dataset import Collate, PatientDataset
+    from slidefm.data.loader import make_loader
+    from slidefm.data.tables import build_tables
+    from slidefm.data.views import ViewConfig
+
+    root = write_cohort(tmp_path, n_slides=8, n_range=(60, 90))
+    cohort = Cohort.open(root)
+    views = ViewConfig(n_global=2, global_size=5, n_local=2, local_size=3, noise_std=0.1)
+    cfg = DataConfig(cohort=str(root), batch_size=2, max_slides_per_patient=2, views=views, seed=3)
+    tables = build_tables(cohort, cfg, tasks=list(cohort.tasks), needs={"expression", "report"})
+    ds = PatientDataset(cohort, tables.train_ids, {p: cohort.slides_of(p) for p in cohort.patient_ids}, cfg,
+                        train=True)
+    ref = list(make_loader(ds, cfg, Collate(tables), train=True))
+    loader = make_loader(ds, dc.replace(cfg, num_workers=2), Collate(tables), train=True)
+    assert loader.transport == "shm"
+    got = list(loader)
+    assert len(got) == len(ref) > 0
+    for a, b in zip(ref, got):
+        assert a.views is not None and "expression" in a.modalities and same(a, b)
