@@ -126,6 +126,7 @@ class Checked:
     sid: str
     features: torch.Tensor
     derived: torch.Tensor = dataclasses.field(init=False)
+    later: torch.Tensor = dataclasses.field(init=False)  # never assigned: skipped, not an AttributeError
 
     def __post_init__(self):
         if not isinstance(self.features, torch.Tensor):
@@ -149,7 +150,7 @@ def test_dataclasses_cross_as_they_are():
     for i, c in enumerate(got):
         assert type(c) is Checked and c.sid == f"s{i}"
         assert torch.equal(c.features, torch.full((500, 64), float(i)))
-        assert torch.equal(c.derived, torch.full((500, 64), 2.0 * i))
+        assert torch.equal(c.derived, torch.full((500, 64), 2.0 * i)) and not hasattr(c, "later")
 
 
 def test_small_arena_falls_back_per_batch():

@@ -203,6 +203,7 @@ def _address(arr: np.ndarray) -> int:
 
 
 _LEAVES = frozenset({str, int, float, bool, bytes, type(None)})
+_UNSET = object()
 _FIELDS: dict[type, tuple[str, ...] | None] = {}
 
 
@@ -231,7 +232,9 @@ def _walk(obj, fn):
     if names is not None:
         changes = {}
         for name in names:
-            v = getattr(obj, name)
+            v = getattr(obj, name, _UNSET)
+            if v is _UNSET:  # an init=False field never assigned
+                continue
             w = _walk(v, fn)
             if w is not v:
                 changes[name] = w
