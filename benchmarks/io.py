@@ -149,32 +149,26 @@ def resident_share(paths: list[Path]) -> float:
     return resident / max(total, 1)
 
 
+def _diskstats() -> list[list[str]]:
+    """The rows of /proc/diskstats (fields split), [] where there is none."""
+    try:
+        return [f for f in (line.split() for line in Path("/proc/diskstats").read_text().splitlines()) if len(f) >= 14]
+    except OSError:
+        return []
+
+
 def block_device(path: Path) -> str | None:
     """The /proc/diskstats name of the block device holding ``path`` (the partition, if on one), or None (not
     Linux, or a file system without one, such as tmpfs or overlay on some hosts)."""
     dev = os.stat(path).st_dev
-    try:
-        for line in Path("/proc/diskstats").read_text().splitlines():
-            f = line.split()
-            if len(f) >= 14 and os.makedev(int(f[0]), int(f[1])) == dev:
-                return f[2]
-    except OSError:
-        pass
-    return None
+    return next((f[2] for f in _diskstats() if os.makedev(int(f[0]), int(f[1])) == dev), None)
 
 
 def disk_counters(name: str | None) -> tuple[int, int, int] | None:
     """(sectors read, ms the device was busy, reads completed) of one /proc/diskstats device, or None."""
     if name is None:
         return None
-    try:
-        for line in Path("/proc/diskstats").read_text().splitlines():
-            f = line.split()
-            if len(f) >= 14 and f[2] == name:
-                return int(f[5]), int(f[12]), int(f[3])
-    except OSError:
-        pass
-    return None
+    return next(((int(f[5]), int(f[12]), int(f[3])) for f in _diskstats() if f[2] == name), None)
 
 
 def disk_use(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None, secs: float) -> dict | None:
@@ -514,14 +508,15 @@ def main(argv: list[str] | None = None) -> int:
     speedup_best = {c: round(results["store_" + c]["best_slides_per_s"] / results["hdf5_" + c]["best_slides_per_s"], 2)
                     for c in cell}
     # Whether 5x HDF5 is within the disk's reach in each cold cell: the device bytes per second the store would
-    # need, against the most the device gave any cold cell of this run (either format) and the O_DIRECT probes.
+    # need, beside what it got and the most the device gave any cold run of this benchmark (either format).
     store_bytes_per_slide = read_bytes["store"] / max(len(ids), 1)
     seen = [d["MB_per_s"] for ds in disk_runs.values() for d in ds]
-    cold_reach = {c: {"store_MB_per_s": results["store_" + c].get("device_during_cell", {}).get("MB_per_s"),
-                      "store_busy_share": results["store_" + c].get("device_during_cell", {}).get("busy_share"),
-                      "five_x_hdf5_needs_MB_per_s": round(5 * results["hdf5_" + c]["slides_per_s"]
-                                                          * store_bytes_per_slide / 1e6, 1)}
-                  for c in cell if c.startswith("cold")}
+    cold_reach = {}
+    for c in (c for c in cell if c.startswith("cold")):
+        got = results["store_" + c].get("device_during_cell", {})
+        cold_reach[c] = {"store_MB_per_s": got.get("MB_per_s"), "store_busy_share": got.get("busy_share"),
+                         "five_x_hdf5_needs_MB_per_s": round(5 * results["hdf5_" + c]["slides_per_s"]
+                                                             * store_bytes_per_slide / 1e6, 1)}
     out = {
         "benchmark": "random-access slide reads through a DataLoader, packed store vs per-slide HDF5",
         "cohort": {"slides": args.slides, "mean_patches": args.patches, "dim": args.dim, "dtype": args.dtype,

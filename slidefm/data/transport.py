@@ -187,16 +187,6 @@ def _numpy_str(dtype: torch.dtype) -> str:
 _NUMPY_STR: dict[torch.dtype, str] = {}
 
 
-def _dtype(name: str) -> np.dtype:
-    got = _DTYPES.get(name)
-    if got is None:
-        got = _DTYPES[name] = np.dtype(name)
-    return got
-
-
-_DTYPES: dict[str, np.dtype] = {}
-
-
 def _address(arr: np.ndarray) -> int:
     """Address of an array's first byte."""
     return arr.__array_interface__["data"][0]
@@ -310,8 +300,9 @@ class ShmDataLoader(DataLoader):
     def _take(self, batch):
         """Rebuild a worker's batch. Tensors are views of the arena (no copy) whose space is released when
         their storage is freed; numpy arrays are copies, released at once. (Torch's pin-memory thread, when
-        on, sees what it saw before: it pins tensors in dicts/lists/tuples, not ``ArenaRef`` records, and
-        slidefm's batches are dataclasses, which it never pinned.)"""
+        on, runs before this: it pins tensors in dicts/lists/tuples and rebuilds the ``ArenaRef`` named tuples it
+        meets there unchanged, since they hold no tensor; slidefm's batches are dataclasses, which it passes as
+        they are.)"""
         allocs: dict[tuple[int, int], np.ndarray] = {}  # (worker, end) -> the allocation's bytes
 
         def rebuild(ref):
@@ -326,7 +317,7 @@ class ShmDataLoader(DataLoader):
                 src = allocs[ref.worker, ref.end] = np.frombuffer(arena.view[ref.start: ref.start + ref.nbytes],
                                                                   np.uint8)
                 weakref.finalize(src, arena.release, ref.end)
-            dt = _dtype(ref.dtype)
+            dt = np.dtype(ref.dtype)
             a = ref.offset - ref.start
             arr = src[a: a + math.prod(ref.shape) * dt.itemsize].view(dt).reshape(ref.shape)
             return torch.from_numpy(arr) if ref.torch else arr.copy()  # a numpy view would outlive the release
