@@ -79,6 +79,7 @@ import torch
 
 from slidefm.allocator import active, reexec_with_allocator
 from slidefm.cohort import Cohort, pack_cohort
+from slidefm.cohort.pagecache import evict, resident_share
 from slidefm.cohort.slides import SlideData, feature_dtype, slide_tensors
 from slidefm.data.batch import pack_slides
 from slidefm.data.config import DataConfig
@@ -108,45 +109,6 @@ def build(root: Path, slides: int, patches: int, dim: int, dtype: str, layout: s
             d.attrs["patch_size"] = 256
     pd.DataFrame({"slide_id": [f"S{i:05d}" for i in range(slides)],
                   "patient_id": [f"P{i // 2:05d}" for i in range(slides)]}).to_csv(root / "slides.csv", index=False)
-
-
-def evict(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)  # DONTNEED skips dirty pages: make sure none are left from building/packing
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def resident_share(paths: list[Path]) -> float:
-    """Share of the files' pages in the page cache (mincore on a mapping that is never touched)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    page = os.sysconf("SC_PAGE_SIZE")
-    resident = total = 0
-    for p in paths:
-        size = p.stat().st_size
-        if not size:
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            pages = (size + page - 1) // page
-            vec = (ctypes.c_ubyte * pages)()
-            libc.mincore(addr, size, vec)
-            libc.munmap(addr, size)
-        finally:
-            os.close(fd)
-        resident += sum(v & 1 for v in vec)
-        total += pages
-    return resident / max(total, 1)
 
 
 def _diskstats() -> list[list[str]]:

@@ -3,7 +3,6 @@ in :mod:`slidefm.cohort.store`), so both can be used without the cohort tables."
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from slidefm import buffers
-from slidefm.cohort import h5
+from slidefm.cohort import h5, pagecache
 from slidefm.errors import SlidefmError
 from slidefm.grid import GridError, coords_to_grid
 
@@ -163,20 +162,6 @@ class SlideReader:
         return self.read(slide_id)
 
 
-def advise_will_need(path: str | Path) -> None:
-    """``POSIX_FADV_WILLNEED`` for a whole file (per-slide files: the file is the slide); errors ignored."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class H5SlideReader(SlideReader):
     """Per-slide files (HDF5 or features-only .pt); opens each only for the duration of one read (fork-safe)."""
 
@@ -186,7 +171,7 @@ class H5SlideReader(SlideReader):
 
     def will_need(self, slide_id: str) -> None:
         if slide_id in self.paths:
-            advise_will_need(self.paths[slide_id])
+            pagecache.will_need_file(self.paths[slide_id])
 
     def read(self, slide_id: str) -> SlideData:
         path = Path(self.paths[slide_id])

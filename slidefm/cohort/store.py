@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from slidefm.cohort import h5
+from slidefm.cohort import h5, pagecache
 from slidefm.cohort.slides import (RowSelector, SlideData, SlideReader, SlideRows, feature_dtype, finish_slide,
                                    selected_rows, slide_tensors)
 from slidefm.errors import SlidefmError
@@ -117,7 +117,7 @@ class StoreSlideReader(SlideReader):
 
     @staticmethod
     def _advise_grid(gfd: int, gstart: int, row: int, n: int) -> None:
-        os.posix_fadvise(gfd, gstart + row * 32, n * 32, os.POSIX_FADV_WILLNEED)
+        pagecache.will_need(gfd, gstart + row * 32, n * 32)
 
     def _features_at(self, k: int, off: int) -> tuple[int, np.dtype, int]:
         """(descriptor of shard ``k``, its stored dtype, byte position of its row ``off``)."""
@@ -133,7 +133,7 @@ class StoreSlideReader(SlideReader):
         k, off, row, n, _ = self.entries[i]
         try:
             fd, dtype, pos = self._features_at(k, off)
-            os.posix_fadvise(fd, pos, n * self.dim * dtype.itemsize, os.POSIX_FADV_WILLNEED)
+            pagecache.will_need(fd, pos, n * self.dim * dtype.itemsize)
             if self.has_positions[i]:
                 self._advise_grid(*self._open()[1], row, n)
         except OSError:
@@ -161,7 +161,7 @@ class StoreSlideReader(SlideReader):
         nbytes = n * self.dim * dtype.itemsize
         if nbytes >= ADVISE_BYTES:
             # Cold cache: one request for the whole slide, not the kernel's readahead windows one after another
-            os.posix_fadvise(fd, pos, nbytes, os.POSIX_FADV_WILLNEED)
+            pagecache.will_need(fd, pos, nbytes)
         self._pread(fd, feats.numpy(), pos)  # shards hold float16 or float32: read as stored, no conversion
         g = self._grid(gfd, gstart, row, n) if has else None
         return finish_slide(slide_id, feats, grid, None if g is None else g[:, :2], None if g is None else g[:, 2:],
