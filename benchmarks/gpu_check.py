@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,13 +215,22 @@ def main(argv=None) -> int:
         return child_fake(args._section, Path(args._file), args._behaviour)
 
     started = time.monotonic()
-    out = Path(args.out)
     timeouts = dict(TIMEOUTS)
     for item in args.timeout:
         k, v = item.split("=", 1)
         timeouts[k] = float(v)
     fakes = dict(item.split("=", 1) for item in args.fake)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check."))
+    work = Path(tempfile.mkdtemp(prefix="gpu_check."))  # the parts' JSON and JUnit files; removed at the end
+    # gpu_check.sh's hard limit sends SIGTERM: exit through the finally below (and subprocess.run kills the part)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _run(args, work, started, timeouts, fakes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path, started: float, timeouts: dict, fakes: dict) -> int:
+    out = Path(args.out)
     py = sys.executable
     doc: dict = {"script": "benchmarks/gpu_check.sh", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "budget_s": args.budget, "dry_run": args.dry_run, "goals_spec": GOALS, "parts": {}}

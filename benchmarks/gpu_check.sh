@@ -21,6 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS="${GPU_CHECK_WHEELS:-.whl}"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   SITE="$(mktemp -d "${TMPDIR:-/tmp}/slidefm-gpu-site.XXXXXX")"
+  trap 'rm -rf "$SITE"' EXIT
   if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl >&2; then
     echo "[gpu_check] could not install the wheels in $WHEELS" >&2
     exit 3
@@ -29,4 +30,5 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
   echo "[gpu_check] $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS on PYTHONPATH ($SITE)" >&2
 fi
 # Hard stop a little past the python part's own budget (450 s): the whole script stays under 8 minutes.
-exec timeout -k 5 "${GPU_CHECK_HARD_LIMIT_S:-470}" "$PY" benchmarks/gpu_check.py "$@"
+timeout -k 5 "${GPU_CHECK_HARD_LIMIT_S:-470}" "$PY" benchmarks/gpu_check.py "$@"
+exit $?  # through the trap: the wheels' scratch directory goes too

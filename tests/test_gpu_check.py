@@ -105,11 +105,15 @@ def make_wheel(folder: Path, name: str = "slidefm_probe", version: str = "1.0") 
 
 def test_carried_wheels_are_installed_on_the_path_of_every_part(tmp_path):
     """What benchmarks/gpu_wheels.py puts in .whl/ reaches the parts: installed into a scratch directory on
-    PYTHONPATH (beside the checkout), and listed in the device part."""
+    PYTHONPATH (beside the checkout), and listed in the device part. Scratch directories are removed after."""
     wheels = tmp_path / "whl"
     make_wheel(wheels)
     out = tmp_path / "gpu_check.json"
-    p = run_script("--dry-run", "--out", str(out), "--parts", "device", env={"GPU_CHECK_WHEELS": str(wheels)})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    p = run_script("--dry-run", "--out", str(out), "--parts", "device",
+                   env={"GPU_CHECK_WHEELS": str(wheels), "TMPDIR": str(scratch)})
+    assert list(scratch.iterdir()) == []
     assert p.returncode == 0, p.stderr
     assert "1 wheels from" in p.stderr
     assert json.loads(p.stdout)["device"]["carried"] == {"slidefm-probe": "1.0"}
@@ -152,9 +156,12 @@ def test_without_cuda_benchmarks_are_skipped_and_a_killed_run_leaves_partial_jso
     assert doc["mfu"] == {"skipped": "no CUDA device"} and doc["parts"]["slide"]["status"] == "skipped"
     # The hard limit kills the whole script mid-part: what finished before is on disk, valid JSON.
     out2 = tmp_path / "killed.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     p = run_script("--dry-run", "--out", str(out2), "--parts", "device,mfu,packed", "--fake", "packed=hang",
-                   "--timeout", "packed=300", env={"GPU_CHECK_HARD_LIMIT_S": "25"})
+                   "--timeout", "packed=300", env={"GPU_CHECK_HARD_LIMIT_S": "25", "TMPDIR": str(scratch)})
     assert p.returncode in (124, 137)
+    assert list(scratch.iterdir()) == []  # killed, it still removes its scratch directory
     partial = json.loads(out2.read_text())
     assert partial["parts"]["device"]["status"] == "ok" and partial["mfu"]["mfu_vs_datasheet"] == 0.45
     assert "packed" not in partial["parts"] and "finished" not in partial
