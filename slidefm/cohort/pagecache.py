@@ -46,12 +46,9 @@ def will_need(fd: int, offset: int, length: int) -> None:
 
     ``length`` 0 means to the end of the file. Raises ``OSError`` as ``posix_fadvise`` does; callers that only
     hint catch it."""
-    if length == 0:
-        length = max(os.fstat(fd).st_size - offset, 0)
-    if length <= 0:
-        return
-    end = offset + length
-    step = request_limit(os.fstat(fd).st_dev)
+    st = os.fstat(fd)
+    end = st.st_size if length == 0 else offset + length
+    step = request_limit(st.st_dev)
     for pos in range(offset, end, step):
         os.posix_fadvise(fd, pos, min(step, end - pos), os.POSIX_FADV_WILLNEED)
 
