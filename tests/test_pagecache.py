@@ -48,9 +48,31 @@ def test_pieces_cover_the_range_exactly(tmp_path, monkeypatch, offset, length):
     assert all(0 < n <= PIECE for _, n in calls)
 
 
-def test_request_limit_is_at_least_the_default_read_ahead(tmp_path):
-    limit = pagecache.request_limit(os.stat(tmp_path).st_dev)
-    assert limit >= pagecache.MIN_PIECE and limit % 1024 == 0
+def test_request_limit_is_what_the_kernel_serves(tmp_path):
+    """One WILLNEED call for twice the limit read from sysfs fetches exactly the limit: neither more (pieces would
+    be needlessly small) nor less (the rest of each piece would be dropped)."""
+    dev = os.stat(tmp_path).st_dev
+    if not os.path.exists(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"):
+        pytest.skip("the test directory is not on a block device")
+    limit = pagecache.request_limit(dev)
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20) * (3 * limit // (1 << 20) + 1))
+    _evicted(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 2 * limit, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 20
+    want = limit / path.stat().st_size
+    while pagecache.resident_share([path]) < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # nothing more arrives later
+    assert pagecache.resident_share([path]) * path.stat().st_size == pytest.approx(limit, abs=4096)
+
+
+def test_request_limit_without_a_disk_is_the_floor():
     assert pagecache.request_limit(os.stat("/proc").st_dev) == pagecache.MIN_PIECE  # no disk behind it
 
 

@@ -14,7 +14,8 @@ import yaml
 
 from slidefm.cohort import h5
 from slidefm.cohort.layout import Layout, TableSpec, load_layout
-from slidefm.cohort.slides import H5SlideReader, SlideData, SlideReader, feature_dtype  # noqa: F401 - SlideData re-exported
+from slidefm.cohort.slides import (H5SlideReader, SlideData, SlideReader,  # noqa: F401 - SlideData re-exported
+                                   feature_dtype)
 from slidefm.errors import CohortError, Problem, SlidefmError
 
 # pandas' default NA tokens, applied to every column except identifiers ("NA" can be a patient id).
