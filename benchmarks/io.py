@@ -45,7 +45,9 @@ as before read-ahead existed.
 needed and, unlike drop_caches, it leaves other processes' caches alone); `eviction_check` records the
 share of their pages still resident afterwards (mincore) and times a sequential read of the largest
 shard right after eviction and again when cached. "Warm" repeats the cell right after its cold pass,
-so every byte it needs is cached. Each cell runs --repeats times, the formats alternating (cold ones
+so every byte it needs is cached. That is every page's second read, on which Linux promotes it to the active
+LRU list (`pages_activated_per_page_read` in the warm cells, from /proc/vmstat): a per-page kernel cost both
+formats pay on a run's second epoch and not after, which weighs most on the faster reader. Each cell runs --repeats times, the formats alternating (cold ones
 re-evicted each time); the median and the best run are reported, with the CPU time per slide
 (main process plus workers, less the workers' start-up), which other jobs on a shared machine disturb
 less than wall time. `device` records the sequential read bandwidth of the largest shard with O_DIRECT
@@ -141,6 +143,19 @@ def disk_use(before: tuple[int, int, int] | None, after: tuple[int, int, int] | 
     sectors, busy_ms, reads = (b - a for a, b in zip(before, after))
     return {"MB": round(sectors * 512 / 1e6, 1), "MB_per_s": round(sectors * 512 / 1e6 / secs, 1),
             "busy_share": round(min(busy_ms / 1e3 / secs, 1.0), 3), "reads": reads}
+
+
+def pages_activated() -> int | None:
+    """Linux's count of pages promoted to the active LRU list (/proc/vmstat ``pgactivate``), None elsewhere.
+    A cached page read a second time is promoted then, at a cost in the reading process; later reads are not."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == "pgactivate":
+                return int(v)
+    except OSError:
+        pass
+    return None
 
 
 def random_direct_mb_s(path: Path, nbytes: int, block: int, streams: int) -> float:
@@ -276,7 +291,8 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
     """(wall seconds, CPU seconds of the main process and its workers, worker start-up included).
 
     ``disk`` (a /proc/diskstats device name) and ``stats``: what that device did while the clock ran
-    (:func:`disk_use`) goes to ``stats["disk"]``.
+    (:func:`disk_use`) goes to ``stats["disk"]``, and the pages Linux promoted meanwhile (:func:`pages_activated`)
+    to ``stats["activated"]``.
 
     ``warm_rows`` > 0 (with shm workers): before the clock starts, each worker writes blank slides of that many
     rows into its arena until the ring has gone round once, and the main process reads them, so every page of
@@ -305,7 +321,7 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
         s = next(it)
         touch(s.tokens if batch > 1 else s.features)
         del s
-    d0 = disk_counters(disk)
+    d0, a0 = disk_counters(disk), pages_activated()
     t0 = time.perf_counter()
     go.set()
     rows = 0
@@ -316,6 +332,8 @@ def timed_loader(cohort: Cohort, ids: list[str], workers: int, deliver: str, siz
     secs = time.perf_counter() - t0
     if stats is not None:
         stats["disk"] = disk_use(d0, disk_counters(disk), secs)
+        a1 = pages_activated()
+        stats["activated"] = None if a0 is None or a1 is None else a1 - a0
     assert rows == sum(sizes[s] for s in ids)  # every slide arrived, whole
     del it  # exhausted: its workers are joined, so their CPU time is in RUSAGE_CHILDREN
     return secs, _cpu_s() - cpu0
@@ -423,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[tuple[float, float]]] = {}
     disk_runs: dict[str, list[dict]] = {}  # cold cells: what the device did while each ran
+    activated: dict[str, list[int]] = {}  # warm cells: pages promoted to the active LRU list while each ran
     disk = block_device(store)
     # CPU of starting and joining the workers with nothing to read, subtracted from each cell's CPU time
     warm_rows = 0 if args.fresh_arena else int(args.patches * 1.5)  # the largest slide
@@ -449,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault(key, []).append((wall, cpu - fixed_cpu[nw, batch]))
                     if cache == "cold" and stats.get("disk"):
                         disk_runs.setdefault(key, []).append(stats["disk"])
+                    if cache == "warm" and stats.get("activated") is not None:
+                        activated.setdefault(key, []).append(stats["activated"])
     results: dict[str, dict] = {}
     for key, pairs in runs.items():
         times = [w for w, _ in pairs]
@@ -462,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
                         # main process and workers, less the workers' start-up (fixed_cpu_s)
                         "cpu_ms_per_slide": round(statistics.median(c for _, c in pairs) / len(ids) * 1e3, 3),
                         "runs_s": [round(t, 3) for t in times]}
+        if key in activated and name in read_bytes:
+            # ~1: every page read was promoted (a warm cell is the second read since the cold one); a cost the kernel
+            # charges per page, alike for both formats, so it weighs most on the faster reader
+            results[key]["pages_activated_per_page_read"] = round(
+                statistics.median(activated[key]) / (read_bytes[name] / 4096), 2)
         if key in disk_runs:  # the device while the cold cell ran (medians): busy_share near 1 = waiting on the disk
             results[key]["device_during_cell"] = {
                 k: round(statistics.median(d[k] for d in disk_runs[key]), 3) for k in ("MB_per_s", "busy_share")}

@@ -26,6 +26,20 @@ def test_disk_use_arithmetic(iob):
     assert iob.disk_use(None, (1, 2, 3), 1.0) is None and iob.disk_counters(None) is None
 
 
+def test_pages_activated_reads_vmstat(iob, monkeypatch, tmp_path):
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("pgactivate_extra 1\npgactivate 12345\npgdeactivate 7\n")
+    real = iob.Path
+
+    def fake(p, *a):
+        return real(vmstat) if str(p) == "/proc/vmstat" else real(p, *a)
+
+    monkeypatch.setattr(iob, "Path", fake)
+    assert iob.pages_activated() == 12345
+    vmstat.unlink()
+    assert iob.pages_activated() is None
+
+
 def test_tiny_run_writes_every_cell(iob, tmp_path):
     out = tmp_path / "io.json"
     assert iob.main(["--slides", "8", "--patches", "40", "--dim", "16", "--reads", "6", "--repeats", "1",
@@ -48,3 +62,6 @@ def test_tiny_run_writes_every_cell(iob, tmp_path):
         assert "device_during_cell" not in r["store_warm_nw0"]
     else:
         assert d["cold_vs_disk"] is None
+    if iob.pages_activated() is not None:  # Linux: warm cells say how many pages the kernel promoted per page read
+        assert r["store_warm_nw0"]["pages_activated_per_page_read"] >= 0
+        assert "pages_activated_per_page_read" not in r["store_cold_nw0"]
