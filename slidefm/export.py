@@ -78,8 +78,10 @@ def slide_loader(cohort, slide_ids: list[str], cfg: ExportConfig) -> ShmDataLoad
     row_bytes = (int(dim) * itemsize + 32) if isinstance(dim, int) else 0  # features as handed out + grid, per patch
     # No larger than that: the ring's pages stay mapped once touched, so the arena is part of export's peak RSS.
     arena_mb = max(64, -(-2 * cfg.batch_tokens * row_bytes // 2**20))
+    # An item is one slide, and the arena holds many (no user setting to name if one does not fit: no warning).
     return ShmDataLoader(ds, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
-                         prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False, arena_mb=arena_mb)
+                         prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False, arena_mb=arena_mb,
+                         arena_setting=None)
 
 
 def _accelerated(encoder) -> bool:

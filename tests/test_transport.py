@@ -394,3 +394,52 @@ def test_training_batches_cross_workers_unchanged(tmp_path):
     assert len(got) == len(ref) > 0
     for a, b in zip(ref, got):
         assert a.views is not None and "expression" in a.modalities and same(a, b)
+
+
+class Fixed(torch.utils.data.Dataset):
+    """``n`` items of ``rows`` x 64 float32 each (rows x 256 bytes)."""
+
+    def __init__(self, n, rows):
+        self.n, self.rows = n, rows
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((self.rows, 64), float(i))
+
+
+def _arena_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "shared-memory arena" in r.getMessage()]
+
+
+def test_batches_too_large_for_the_arena_are_named_once(caplog):
+    """A 1 MiB arena cannot hold three 0.5 MB batches: they go torch's way, and the loader says once what to set."""
+    caplog.set_level("WARNING", logger="slidefm.data.transport")
+    ds = Fixed(12, 1024)  # batches of 2: 524,288 bytes
+    loader = ShmDataLoader(ds, batch_size=2, num_workers=2, arena_mb=1, arena_setting="data.arena_mb",
+                           persistent_workers=True)
+    got = batches(loader)
+    assert [int(b[0, 0, 0]) for b in got] == list(range(0, 12, 2)) * 2  # the same batches, in order
+    msgs = _arena_warnings(caplog)
+    assert len(msgs) == 1  # once per loader, over two epochs
+    assert "a 1 MiB batch did not fit its worker's 1 MiB" in msgs[0] and "set data.arena_mb=64 (3 such batches)" in msgs[0]
+
+
+def test_arena_that_holds_three_batches_says_nothing(caplog):
+    """Batches of a size the arena holds three times over stay silent, even while a consumer that holds every
+    batch fills the ring and later ones fall back (a full ring is not a small arena)."""
+    caplog.set_level("WARNING", logger="slidefm.data.transport")
+    ds = Fixed(40, 1024)  # 0.5 MB batches, 2 MiB arenas: four fit
+    loader = ShmDataLoader(ds, batch_size=2, num_workers=2, arena_mb=2)
+    held = list(loader)
+    arenas = list(loader._arenas)
+
+    def in_arena(t):
+        return any(a.data.ctypes.data <= t.data_ptr() < a.data.ctypes.data + a.size for a in arenas)
+
+    assert not all(in_arena(b) for b in held)  # some batches met a full ring and went torch's way
+    assert _arena_warnings(caplog) == []
+    # and a loader told not to name a setting never warns
+    quiet = ShmDataLoader(Fixed(6, 4096), batch_size=2, num_workers=2, arena_mb=1, arena_setting=None)
+    assert len(list(quiet)) == 3 and _arena_warnings(caplog) == []

@@ -30,7 +30,9 @@ class DataConfig:
                 "copy) or torch (a new shared-memory segment per tensor)", "resume": True})
     arena_mb: int = field(default=256, metadata={
         "help": "MiB of each worker's arena (transport=shm): shared memory that stays mapped for the run (up to "
-                "num_workers x arena_mb); a batch that does not fit goes torch's way", "resume": True})
+                "num_workers x arena_mb); make it hold three batches (8 whole TCGA-sized slides are ~330 MB as "
+                "float32): a batch that does not fit goes torch's much slower way, and the loader says so once",
+        "resume": True})
     read_ahead: int = field(default=16, metadata={
         "help": "items (patients) whose slides are requested from disk this many items before they are read "
                 "(posix_fadvise WILLNEED), so cold reads overlap; only where whole slides are read; 0: off",

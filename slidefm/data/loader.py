@@ -56,7 +56,7 @@ def make_loader(dataset, cfg: DataConfig, collate, train: bool) -> ResumableData
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if cfg.num_workers else None,
         persistent_workers=bool(train and cfg.persistent_workers and cfg.num_workers),
         drop_last=drop_last, worker_init_fn=_worker_init if cfg.num_workers else None,
-        transport=cfg.transport, arena_mb=cfg.arena_mb,
+        transport=cfg.transport, arena_mb=cfg.arena_mb, arena_setting="data.arena_mb",
     )
 
 

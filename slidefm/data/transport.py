@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import mmap
 import multiprocessing as mp
@@ -39,9 +40,14 @@ from slidefm import buffers
 
 __all__ = ["ArenaRef", "ShmDataLoader", "ShmCollate"]
 
+log = logging.getLogger(__name__)
+
 _HEADER = 64  # bytes: the main process's read position (int64) at offset 0, cache-line padded
 _ALIGN = 64
 MIN_BYTES = 64 * 1024  # smaller numpy arrays are cheap to pickle
+# Batches that fall back to torch's path while fewer than this many of their size fit an arena: the arena is too
+# small for them, not momentarily full (slidefm.data.transport.ShmDataLoader warns once).
+BATCHES_PER_ARENA = 3
 _NO_NUMPY = {torch.bfloat16, *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32",
                                                            "uint64") if hasattr(torch, n))}  # go torch's way
 
@@ -266,10 +272,13 @@ class ShmDataLoader(DataLoader):
     """A DataLoader whose workers send large arrays through per-worker shared-memory arenas.
 
     ``transport``: ``"shm"`` (the arenas, ``arena_mb`` MiB per worker) or ``"torch"`` (torch's path).
-    Same batches either way; only how they cross the process boundary differs.
+    Same batches either way; only how they cross the process boundary differs. Batches too large for the
+    arenas (fewer than ``BATCHES_PER_ARENA`` fit one) go torch's way, which costs far more CPU per batch: the
+    loader says so once, with the ``arena_mb`` that would hold them (named as ``arena_setting``).
     """
 
-    def __init__(self, *args: Any, transport: str = "shm", arena_mb: int = 256, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, transport: str = "shm", arena_mb: int = 256,
+                 arena_setting: str | None = "arena_mb", **kwargs: Any) -> None:
         if transport not in ("shm", "torch"):
             raise ValueError(f"transport must be 'shm' or 'torch', got {transport!r}")
         if isinstance(kwargs.get("collate_fn"), ShmCollate):  # rebuilt from a built loader's attributes
@@ -281,6 +290,8 @@ class ShmDataLoader(DataLoader):
         method = ctx if isinstance(ctx, str) else ctx.get_start_method()
         self._arenas: list[_Arena] = []  # shared with the collate wrapper, which forked workers inherit
         self._arena_bytes = arena_mb << 20
+        self._arena_setting = arena_setting  # how the user sets arena_mb, named in the warning below (None: no warning)
+        self._warned_small_arena = False
         self.transport = transport if (self.num_workers > 0 and method == "fork" and arena_mb > 0) else "torch"
         if self.transport == "shm":
             self.collate_fn = ShmCollate(self.collate_fn, self._arenas)
@@ -304,9 +315,12 @@ class ShmDataLoader(DataLoader):
         meets there unchanged, since they hold no tensor; slidefm's batches are dataclasses, which it passes as
         they are.)"""
         allocs: dict[tuple[int, int], np.ndarray] = {}  # (worker, end) -> the allocation's bytes
+        sizes = [0, 0]  # bytes of the batch's large arrays: through an arena, and through torch's path
 
         def rebuild(ref):
             if not isinstance(ref, ArenaRef):
+                if isinstance(ref, torch.Tensor) and ref.nbytes >= MIN_BYTES and ref.dtype not in _NO_NUMPY:
+                    sizes[1] += ref.nbytes  # a tensor the worker could not place in its arena
                 return ref
             src = allocs.get((ref.worker, ref.end))
             if src is None:
@@ -319,13 +333,28 @@ class ShmDataLoader(DataLoader):
                 weakref.finalize(src, arena.release, ref.end)
             dt = np.dtype(ref.dtype)
             a = ref.offset - ref.start
-            arr = src[a: a + math.prod(ref.shape) * dt.itemsize].view(dt).reshape(ref.shape)
+            n = math.prod(ref.shape) * dt.itemsize
+            sizes[0] += n
+            arr = src[a: a + n].view(dt).reshape(ref.shape)
             return torch.from_numpy(arr) if ref.torch else arr.copy()  # a numpy view would outlive the release
 
         out = _walk(batch, rebuild)
+        if sizes[1] and not self._warned_small_arena and self._arena_setting is not None:
+            self._warn_if_too_small(sum(sizes))
         # Released in allocation order per worker (the ring's tail only moves over a released prefix); an
         # allocation only numpy arrays came from is released when ``allocs`` goes, at return.
         for worker, end in sorted(allocs):
             self._arenas[worker].hand_out(end)
         return out
 
+    def _warn_if_too_small(self, batch_bytes: int) -> None:
+        """Once per loader: say that batches of this size do not fit the arenas. A batch that meets a ring
+        momentarily full (a consumer holding batches) falls back too, and needs no word."""
+        if batch_bytes * BATCHES_PER_ARENA <= self._arena_bytes:
+            return
+        self._warned_small_arena = True
+        need = -(-batch_bytes * BATCHES_PER_ARENA // (64 << 20)) * 64  # MiB, a multiple of 64
+        log.warning("a %d MiB batch did not fit its worker's %d MiB shared-memory arena and went through torch's "
+                    "path, a new shared-memory segment per tensor (about 3x the loading time for TCGA-sized slides, "
+                    "docs/benchmarks.md); set %s=%d (%d such batches) to keep batches in the arena",
+                    -(-batch_bytes >> 20), self._arena_bytes >> 20, self._arena_setting, need, BATCHES_PER_ARENA)
