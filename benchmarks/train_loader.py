@@ -4,8 +4,8 @@
     python benchmarks/train_loader.py --slides 40 --patches 2000 --repeats 1   # a quick look
 
 Items are what `slidefm train` reads for the slide branch with `data.tokens=whole`: `PatientDataset` over a packed
-store (one slide per patient, 100 patients of 2 slides each), batches packed as training packs them
-(`slidefm.data.batch.pack_slides`: float32 tokens, ~40 MB per slide here, ~330 MB per batch of 8), delivered by
+store (one slide per patient, 100 patients of 2 slides each), batched by training's `Collate` (the cohort has
+features only, so a batch is its slides packed by `slidefm.data.batch.pack_slides`: float32 tokens, ~40 MB per slide here, ~330 MB per batch of 8), delivered by
 `slidefm.data.loader.make_loader` (training's loader: read-ahead, persistent workers, the shared-memory arenas). The
 main process reads one value per 4 KiB page of each batch's tokens, as any consumer would. No model runs: this is the
 loader alone, the part a GPU run waits on.
@@ -40,21 +40,15 @@ from _common import write_atomic
 from slidefm.allocator import active, reexec_with_allocator
 from slidefm.cohort import Cohort, pack_cohort
 from slidefm.cohort.pagecache import evict
-from slidefm.data.batch import pack_slides
 from slidefm.data.config import DataConfig
-from slidefm.data.dataset import PatientDataset
+from slidefm.data.dataset import Collate, PatientDataset
 from slidefm.data.loader import make_loader
+from slidefm.data.tables import build_tables
 
 HERE = Path(__file__).resolve().parent
 
 
-def collate(items):
-    """The slide branch of training's Collate: every item's slides packed into one float32 token batch."""
-    flat = [s for it in items for s in it["slides"]]
-    return pack_slides([s[1] for s in flat], [s[2] for s in flat], [s[0] for s in flat])
-
-
-def epochs(ds: PatientDataset, cfg: DataConfig, n: int) -> list[float]:
+def epochs(ds: PatientDataset, cfg: DataConfig, collate: Collate, n: int) -> list[float]:
     """Wall seconds of ``n`` epochs of one training loader (its workers persist across them)."""
     loader = make_loader(ds, cfg, collate, train=True)
     out = []
@@ -62,7 +56,7 @@ def epochs(ds: PatientDataset, cfg: DataConfig, n: int) -> list[float]:
         loader.sampler.set_epoch(ep)
         t0 = time.perf_counter()
         for b in loader:
-            float(b.tokens.reshape(-1)[::1024].sum())  # one value per 4 KiB page
+            float(b.slides.tokens.reshape(-1)[::1024].sum())  # one value per 4 KiB page
         out.append(time.perf_counter() - t0)
     del loader
     return out
@@ -111,17 +105,20 @@ def main(argv: list[str] | None = None) -> int:
                          **kw)
         return PatientDataset(cohort, cohort.patient_ids, slides_of, cfg, train=True), cfg
 
+    # training's collate; the cohort has features only, so its batches carry the slide branch alone
+    collate = Collate(build_tables(cohort, dataset(num_workers=0)[1]))
+
     runs: dict[str, list[list[float]]] = {}
     for rep in range(args.repeats):
         for nw in workers:
             for mb in arenas if nw else arenas[:1]:  # no workers: no arena
                 ds, cfg = dataset(num_workers=nw, arena_mb=mb, read_ahead=16, seed=rep)
-                epochs(ds, cfg, 1)  # page cache warm
-                runs.setdefault(f"arena{mb}_nw{nw}" if nw else "warm_nw0", []).append(epochs(ds, cfg, 3)[1:])
+                epochs(ds, cfg, collate, 1)  # page cache warm
+                runs.setdefault(f"arena{mb}_nw{nw}" if nw else "warm_nw0", []).append(epochs(ds, cfg, collate, 3)[1:])
             for ra in aheads:
                 ds, cfg = dataset(num_workers=nw, arena_mb=max(arenas), read_ahead=ra, seed=rep)
                 evict(files)
-                runs.setdefault(f"readahead{ra}_nw{nw}", []).append(epochs(ds, cfg, 3))
+                runs.setdefault(f"readahead{ra}_nw{nw}", []).append(epochs(ds, cfg, collate, 3))
 
     slides_per_epoch = len(cohort.patient_ids) // args.batch_size * args.batch_size
     results = {}

@@ -135,6 +135,12 @@ class _Arena:
                 self.tail[0] = tail
 
 
+def _never_in_arena(t: torch.Tensor) -> bool:
+    """Tensors that always go torch's way (tensor attributes only: .numpy() alone costs microseconds, and this
+    runs for every array of every item)."""
+    return t.requires_grad or not t.is_cpu or t.layout != torch.strided or t.dtype in _NO_NUMPY
+
+
 class ShmCollate:
     """Wraps a collate function: in a worker, large arrays of its output go into the worker's arena."""
 
@@ -156,8 +162,7 @@ class ShmCollate:
         if isinstance(a, ArenaRef):
             return a
         if isinstance(a, torch.Tensor):
-            # tensor attributes only: .numpy() alone costs microseconds, and this runs for every array of every item
-            if a.requires_grad or not a.is_cpu or a.layout != torch.strided or a.dtype in _NO_NUMPY:
+            if _never_in_arena(a):
                 return a
             ptr, nbytes, contiguous = a.data_ptr(), a.nbytes, a.is_contiguous()
             dtype, is_torch = _numpy_str(a.dtype), True
@@ -290,8 +295,8 @@ class ShmDataLoader(DataLoader):
         method = ctx if isinstance(ctx, str) else ctx.get_start_method()
         self._arenas: list[_Arena] = []  # shared with the collate wrapper, which forked workers inherit
         self._arena_bytes = arena_mb << 20
-        self._arena_setting = arena_setting  # how the user sets arena_mb, named in the warning below (None: no warning)
-        self._warned_small_arena = False
+        # how the user sets arena_mb, named in the warning below; None once it was given, or when there is none
+        self._arena_setting = arena_setting
         self.transport = transport if (self.num_workers > 0 and method == "fork" and arena_mb > 0) else "torch"
         if self.transport == "shm":
             self.collate_fn = ShmCollate(self.collate_fn, self._arenas)
@@ -319,7 +324,7 @@ class ShmDataLoader(DataLoader):
 
         def rebuild(ref):
             if not isinstance(ref, ArenaRef):
-                if isinstance(ref, torch.Tensor) and ref.nbytes >= MIN_BYTES and ref.dtype not in _NO_NUMPY:
+                if isinstance(ref, torch.Tensor) and ref.nbytes >= MIN_BYTES and not _never_in_arena(ref):
                     sizes[1] += ref.nbytes  # a tensor the worker could not place in its arena
                 return ref
             src = allocs.get((ref.worker, ref.end))
@@ -339,7 +344,7 @@ class ShmDataLoader(DataLoader):
             return torch.from_numpy(arr) if ref.torch else arr.copy()  # a numpy view would outlive the release
 
         out = _walk(batch, rebuild)
-        if sizes[1] and not self._warned_small_arena and self._arena_setting is not None:
+        if sizes[1] and self._arena_setting is not None:
             self._warn_if_too_small(sum(sizes))
         # Released in allocation order per worker (the ring's tail only moves over a released prefix); an
         # allocation only numpy arrays came from is released when ``allocs`` goes, at return.
@@ -352,9 +357,9 @@ class ShmDataLoader(DataLoader):
         momentarily full (a consumer holding batches) falls back too, and needs no word."""
         if batch_bytes * BATCHES_PER_ARENA <= self._arena_bytes:
             return
-        self._warned_small_arena = True
+        setting, self._arena_setting = self._arena_setting, None  # once per loader
         need = -(-batch_bytes * BATCHES_PER_ARENA // (64 << 20)) * 64  # MiB, a multiple of 64
         log.warning("a %d MiB batch did not fit its worker's %d MiB shared-memory arena and went through torch's "
                     "path, a new shared-memory segment per tensor (about 3x the loading time for TCGA-sized slides, "
                     "docs/benchmarks.md); set %s=%d (%d such batches) to keep batches in the arena",
-                    -(-batch_bytes >> 20), self._arena_bytes >> 20, self._arena_setting, need, BATCHES_PER_ARENA)
+                    -(-batch_bytes >> 20), self._arena_bytes >> 20, setting, need, BATCHES_PER_ARENA)
